@@ -1,0 +1,85 @@
+"""DELLA: magnitude-ranked random drop (MagPrune), then TIES sign election (della) or plain
+addition (della_linear) (arXiv:2406.11617)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field
+from torch import Tensor
+
+from moemerge.merge.methods.sparsify import della_magprune, rescale_l1, source_uniform
+from moemerge.merge.methods.task_arithmetic import TaskArithmeticParams, merge_task_vectors
+from moemerge.merge.methods.ties import SparseSource
+from moemerge.merge.registry import MergeMethod, TensorContext
+
+
+class DellaSource(SparseSource):
+    """`epsilon`: half-width of the keep-probability range around `density` (mergekit: 0.15)."""
+
+    epsilon: float = Field(0.15, ge=0)
+
+
+class DellaParams(TaskArithmeticParams):
+    """mergekit defaults for della: normalize on, `rescale` on (L1-norm matching)."""
+
+    normalize: bool = True
+    rescale: bool = True
+
+
+class DellaLinearParams(DellaParams):
+    """mergekit defaults for della_linear: normalize off, `rescale` on."""
+
+    normalize: bool = False
+
+
+def _della(consensus: bool):
+    def kernel(
+        base: Tensor | None,
+        sources: Sequence[Tensor],
+        source_params: Sequence[DellaSource],
+        params: DellaParams,
+        ctx: TensorContext,
+    ) -> Tensor:
+        assert base is not None
+
+        def prune(i: int, tau: Tensor) -> Tensor:
+            p = source_params[i]
+            if p.density >= 1:
+                return tau
+            kept = della_magprune(tau, p.density, p.epsilon, source_uniform(tau, ctx, i))
+            return rescale_l1(tau, kept) if params.rescale else kept
+
+        return merge_task_vectors(
+            base,
+            sources,
+            [p.weight for p in source_params],
+            sparsify=prune,
+            consensus=consensus,
+            normalize=params.normalize,
+            lambda_=params.lambda_,
+        )
+
+    return kernel
+
+
+METHODS = (
+    MergeMethod(
+        name="della",
+        kernel=_della(consensus=True),
+        params_model=DellaParams,
+        source_params_model=DellaSource,
+        needs_base=True,
+        doc="MagPrune (keep prob density -/+ epsilon by magnitude rank) + rescale, then TIES "
+        "sign election. arXiv:2406.11617",
+    ),
+    MergeMethod(
+        name="della_linear",
+        kernel=_della(consensus=False),
+        params_model=DellaLinearParams,
+        source_params_model=DellaSource,
+        needs_base=True,
+        doc="MagPrune (keep prob density -/+ epsilon by magnitude rank) + rescale, then task "
+        "arithmetic. arXiv:2406.11617",
+    ),
+)
