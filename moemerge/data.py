@@ -195,9 +195,7 @@ def load_domain(
 
     blank = [s for s in raw if s.text is not None and not s.text.strip()]
     if blank:
-        logger.warning(
-            "domain %r: dropped %d empty text sample(s), the first at %s", name, len(blank), blank[0].source
-        )
+        logger.warning("domain %r: dropped %d empty text sample(s), the first at %s", name, len(blank), blank[0].source)
         raw = [s for s in raw if s.text is None or s.text.strip()]
         if not raw:
             raise DataError(f"domain {name!r}: every sample in {listed} is empty")

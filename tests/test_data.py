@@ -15,9 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from moemerge.data import DataError, DataOptions, SampleSource, batches, load_domain
 
-WORDS = (
-    "the cat sat on a mat dog ran far away user assistant system : hello world one two three four five six"
-)
+WORDS = "the cat sat on a mat dog ran far away user assistant system : hello world one two three four five six"
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'tool' %}{{ raise_exception('tool turns are not supported') }}{% endif %}"
@@ -94,9 +92,7 @@ def test_chat_rows_equal_apply_chat_template_tokens(tmp_path, tokenizer):
     rows = [{"messages": chat(i)} for i in range(3)]
     calibration, _ = load_domain("d", [write_jsonl(tmp_path / "c.jsonl", rows)], tokenizer)
     for source, sample in zip(calibration.sources, calibration.samples, strict=True):
-        expected = tokenizer.apply_chat_template(
-            rows[source.line - 1]["messages"], tokenize=True, return_dict=False
-        )
+        expected = tokenizer.apply_chat_template(rows[source.line - 1]["messages"], tokenize=True, return_dict=False)
         assert sample.tolist() == list(expected)
         # the template writes BOS itself: the tokenizer must not add a second one
         assert (sample == tokenizer.bos_token_id).sum().item() == 1
@@ -105,10 +101,7 @@ def test_chat_rows_equal_apply_chat_template_tokens(tmp_path, tokenizer):
 def test_chat_template_without_bos_gets_none_added(tmp_path):
     tokenizer = make_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}")
     calibration, _ = load_domain("d", [write_jsonl(tmp_path / "c.jsonl", [{"messages": chat(0)}])], tokenizer)
-    assert (
-        calibration.samples[0].tolist()
-        == tokenizer("hello 0 the cat sat", add_special_tokens=False)["input_ids"]
-    )
+    assert calibration.samples[0].tolist() == tokenizer("hello 0 the cat sat", add_special_tokens=False)["input_ids"]
 
 
 def test_row_with_messages_and_text_uses_messages(tmp_path, tokenizer):
@@ -120,9 +113,7 @@ def test_row_with_messages_and_text_uses_messages(tmp_path, tokenizer):
 
 def test_json_array_rows_know_their_line(tmp_path, tokenizer):
     path = tmp_path / "a.json"
-    path.write_text(
-        '[\n  {"text": "the cat"},\n\n  {"messages": [{"role": "user", "content": "hello"}]}\n]\n'
-    )
+    path.write_text('[\n  {"text": "the cat"},\n\n  {"messages": [{"role": "user", "content": "hello"}]}\n]\n')
     calibration, _ = load_domain("d", [path], tokenizer)
     assert sorted(lines_of(calibration)) == [2, 4]
     by_line = dict(zip(lines_of(calibration), calibration.samples, strict=True))
@@ -244,10 +235,7 @@ def test_truncation_keeps_the_first_tokens(tmp_path, tokenizer):
     calibration, _ = load_domain("d", [path], tokenizer, DataOptions(max_length=4))
     by_line = dict(zip(lines_of(calibration), calibration.samples, strict=True))
     assert by_line[1].tolist() == tokenizer(text)["input_ids"][:4]
-    assert (
-        by_line[2].tolist()
-        == list(tokenizer.apply_chat_template(chat(0), tokenize=True, return_dict=False))[:4]
-    )
+    assert by_line[2].tolist() == list(tokenizer.apply_chat_template(chat(0), tokenize=True, return_dict=False))[:4]
     assert by_line[3].tolist() == tokenizer("the cat")["input_ids"]
 
 
@@ -392,9 +380,7 @@ def test_options_parse_cli_strings_and_document_every_field():
 
 
 def test_importing_data_does_not_import_torch():
-    code = (
-        "import sys, moemerge.data; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
-    )
+    code = "import sys, moemerge.data; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -121,9 +121,7 @@ def test_unknown_parameters_are_named():
 
 
 def test_method_wide_source_params_are_defaults_overridden_per_source():
-    p, sp = get_method("dare_ties").parse_params(
-        {"density": 0.3, "weight": 0.5, "lambda": 2.0}, [{}, {"density": 0.9}]
-    )
+    p, sp = get_method("dare_ties").parse_params({"density": 0.3, "weight": 0.5, "lambda": 2.0}, [{}, {"density": 0.9}])
     assert p.lambda_ == 2.0 and p.rescale and not p.normalize
     assert [(s.weight, s.density) for s in sp] == [(0.5, 0.3), (0.5, 0.9)]
 
@@ -154,9 +152,7 @@ def test_linear(normalize):
 def test_task_arithmetic(normalize):
     base, srcs = case(3)
     w = [0.7, -0.2, 1.3]
-    out = merge(
-        "task_arithmetic", base, srcs, {"normalize": normalize, "lambda": 0.6}, [{"weight": x} for x in w]
-    )
+    out = merge("task_arithmetic", base, srcs, {"normalize": normalize, "lambda": 0.6}, [{"weight": x} for x in w])
     torch.testing.assert_close(out, ref_gta(base, srcs, w, 0.6, normalize, consensus=False))
 
 
@@ -220,18 +216,14 @@ def test_ties_with_full_density_and_aligned_signs_is_task_arithmetic():
     per = [{"weight": x} for x in (0.5, 1.0, 2.0)]
     for normalize in (True, False):
         p = {"normalize": normalize, "lambda": 0.8}
-        torch.testing.assert_close(
-            merge("ties", base, srcs, p, per), merge("task_arithmetic", base, srcs, p, per)
-        )
+        torch.testing.assert_close(merge("ties", base, srcs, p, per), merge("task_arithmetic", base, srcs, p, per))
 
 
 def test_dare_with_full_density_is_task_arithmetic():
     base, srcs = case(3)
     per = [{"weight": x} for x in (0.5, 1.0, 2.0)]
     p = {"lambda": 0.7}
-    torch.testing.assert_close(
-        merge("dare_linear", base, srcs, p, per), merge("task_arithmetic", base, srcs, p, per)
-    )
+    torch.testing.assert_close(merge("dare_linear", base, srcs, p, per), merge("task_arithmetic", base, srcs, p, per))
     torch.testing.assert_close(
         merge("dare_ties", base, srcs, p, per), merge("ties", base, srcs, p | {"normalize": False}, per)
     )
@@ -260,9 +252,7 @@ def test_dare_masks_depend_only_on_seed_name_and_index():
 @pytest.mark.parametrize("name", ["dare_linear", "della_linear"])
 def test_random_drop_keeps_density_and_rescales_survivors(name):
     base, (src,) = case(1, shape=(300, 200))
-    out = merge(
-        name, base, [src], {"density": 0.3, "epsilon": 0.1} if name == "della_linear" else {"density": 0.3}
-    )
+    out = merge(name, base, [src], {"density": 0.3, "epsilon": 0.1} if name == "della_linear" else {"density": 0.3})
     tau, kept = src - base, out - base
     alive = kept != 0
     assert abs(alive.double().mean().item() - 0.3) < 0.01

@@ -52,9 +52,7 @@ def test_linear(normalize):
     _, srcs = case(3)
     per = [{"weight": w} for w in WEIGHTS]
     shared = {"normalize": normalize}
-    torch.testing.assert_close(
-        ours("linear", None, srcs, shared, per), theirs("linear", None, srcs, shared, per)
-    )
+    torch.testing.assert_close(ours("linear", None, srcs, shared, per), theirs("linear", None, srcs, shared, per))
 
 
 @pytest.mark.parametrize("normalize", [True, False])

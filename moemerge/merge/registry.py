@@ -70,9 +70,7 @@ class MergeMethod:
         method_fields = _field_names(self.params_model)
         unknown = sorted(set(params) - source_fields - method_fields)
         if unknown:
-            raise ValueError(
-                _unknown_message(self.name, "method-wide", unknown, method_fields | source_fields)
-            )
+            raise ValueError(_unknown_message(self.name, "method-wide", unknown, method_fields | source_fields))
         shared = {k: v for k, v in params.items() if k in source_fields}
         method_values = {k: v for k, v in params.items() if k in method_fields and k not in source_fields}
         parsed_sources = []
@@ -108,9 +106,7 @@ class MergeMethod:
             if t is None:
                 continue
             if t.shape != ref.shape:
-                raise ValueError(
-                    f"{ctx.name}: {label} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
-                )
+                raise ValueError(f"{ctx.name}: {label} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
             if t.dtype not in (torch.float32, torch.float64) or t.dtype != ref.dtype:
                 raise ValueError(
                     f"{ctx.name}: {label} has dtype {t.dtype}; "

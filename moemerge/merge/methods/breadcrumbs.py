@@ -70,7 +70,6 @@ METHODS = (
         params_model=BreadcrumbsParams,
         source_params_model=BreadcrumbsSource,
         needs_base=True,
-        doc="Drop top-gamma and bottom magnitudes (density remains), then TIES sign election. "
-        "arXiv:2312.06795",
+        doc="Drop top-gamma and bottom magnitudes (density remains), then TIES sign election. arXiv:2312.06795",
     ),
 )

@@ -85,9 +85,7 @@ def della_magprune(tau: Tensor, density: float, epsilon: float, uniform: Tensor)
     if density <= 0:
         return torch.zeros_like(tau)
     if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della: epsilon {epsilon} must keep density +/- epsilon inside (0, 1); density is {density}"
-        )
+        raise ValueError(f"della: epsilon {epsilon} must keep density +/- epsilon inside (0, 1); density is {density}")
     mags = tau.abs() if tau.ndim >= 2 else tau.abs().reshape(1, -1)
     n = mags.shape[1]
     ranks = mags.argsort(dim=1).argsort(dim=1).to(tau.dtype)

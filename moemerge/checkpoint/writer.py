@@ -1,0 +1,132 @@
+"""Atomic sharded safetensors writer: nothing appears at the target until all of it is written.
+
+Tensors are written under the names they are given (the caller passes on-disk names, so the
+input's layout, per-expert or fused, is kept), in shards of at most `max_shard_bytes`. Everything
+goes to a hidden temporary folder next to the target, which is renamed into place by `finalize`;
+any exception removes the temporary folder, so a failed run never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moemerge.checkpoint.reader import INDEX_FILE, SINGLE_FILE, CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Files copied beside the weights so the output loads like its source (config, tokenizer, template)."""
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointWriter:
+    """Collects tensors into shards in a temporary folder; `finalize` moves the folder into place."""
+
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise CheckpointError(f"{self.out_dir}: output exists; pass overwrite to replace it")
+        self.overwrite = overwrite
+        self.max_shard_bytes = max_shard_bytes
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp_dir.mkdir(parents=True)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._written: set[str] = set()
+
+    @property
+    def names(self) -> set[str]:
+        return self._written | set(self._pending)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; a full shard is written to disk and freed."""
+        if name in self._written or name in self._pending:
+            raise CheckpointError(f"{self.out_dir}: tensor {name} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append((path, list(self._pending)))
+        self._written.update(self._pending)
+        self._pending, self._pending_bytes = {}, 0
+
+    def copy_support_files(self, source_dir: str | Path) -> None:
+        """Copy config, generation config, tokenizer files and chat template from `source_dir`."""
+        for name in SUPPORT_FILES:
+            path = Path(source_dir) / name
+            if path.is_file():
+                shutil.copy2(path, self.tmp_dir / name)
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.tmp_dir / name).write_text(text)
+
+    def finalize(self, expected: set[str] | None = None) -> Path:
+        """Write the last shard and the index, check completeness, move the folder into place."""
+        if self._pending or not self._shards:
+            self._flush()
+        if expected is not None:
+            missing = sorted(expected - self._written)
+            if missing:
+                raise CheckpointError(
+                    f"{self.out_dir}: {len(missing)} tensors missing from the output, e.g. {missing[0]}"
+                )
+            extra = sorted(self._written - expected)
+            if extra:
+                raise CheckpointError(f"{self.out_dir}: unexpected tensors in the output, e.g. {extra[0]}")
+        total = len(self._shards)
+        weight_map, total_size = {}, 0
+        for i, (path, names) in enumerate(self._shards):
+            final = SINGLE_FILE if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            path.rename(self.tmp_dir / final)
+            total_size += (self.tmp_dir / final).stat().st_size
+            weight_map.update(dict.fromkeys(names, final))
+        if total > 1:
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        self._move_into_place()
+        return self.out_dir
+
+    def _move_into_place(self) -> None:
+        old = None
+        if self.out_dir.exists():
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            self.out_dir.rename(old)
+        self.tmp_dir.rename(self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self.tmp_dir.exists():  # finalize renamed it away; anything left is unfinished work
+            self.abort()
