@@ -37,6 +37,9 @@ class MoeLayer:
     selection_bias: str | None
     num_experts: int
     top_k: int
+    router_weight_in_memory: str
+    router_bias_in_memory: str | None
+    selection_bias_in_memory: str | None
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,9 @@ def layout_from_config(config: PretrainedConfig, family: FamilyRecord) -> ModelL
                 selection_bias=names[selection] if selection else None,
                 num_experts=int(num_experts),
                 top_k=int(top_k),
+                router_weight_in_memory=weights[0],
+                router_bias_in_memory=biases[0] if biases else None,
+                selection_bias_in_memory=selection,
             )
         )
     if not moe_layers:

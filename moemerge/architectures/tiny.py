@@ -55,8 +55,9 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
 
     defaults = AutoConfig.for_model(model_type).to_dict()
     sizes = {k: v for k, v in TINY_SIZES.items() if k in defaults}
-    if "kv_lora_rank" in defaults:  # multi-head latent attention derives head_dim from the rope dim
+    if "kv_lora_rank" in defaults:  # multi-head latent attention: head_dim from the rope dim, no GQA
         sizes.pop("head_dim", None)
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"]
     return AutoConfig.for_model(model_type, **{**sizes, **overrides})
 
 
@@ -74,8 +75,30 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
     return model.eval()
 
 
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+)
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level tokenizer of printable ASCII (99 ids), with a chat template; no download."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
 def save_tiny_model(model_type: str, out_dir: str | Path, seed: int = 0, **save_kwargs: Any) -> Path:
-    """Build a tiny model of `model_type` and write it as a Hugging Face folder (safetensors)."""
+    """Build a tiny model of `model_type` with its tokenizer and write it as a Hugging Face folder."""
     out_dir = Path(out_dir)
     tiny_model(model_type, seed=seed).save_pretrained(out_dir, **save_kwargs)
+    tiny_tokenizer().save_pretrained(out_dir)
     return out_dir

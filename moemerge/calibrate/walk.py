@@ -1,0 +1,177 @@
+"""Run a checkpoint one decoder layer at a time, with transformers' own modules.
+
+The model is built with its parameters on the meta device (buffers such as rotary frequencies
+are real, computed by the model's own constructor), so memory holds the embeddings plus one
+decoder layer at a time. What the model passes into each decoder layer besides the hidden
+states (position embeddings, the attention mask of that layer's attention type, position ids)
+is recorded by running the model's own forward with every decoder layer replaced by a recorder
+that returns its input unchanged; this keeps the runner generic over families. A layer's
+weights are materialised from the on-disk tensors with transformers' own weight conversion (the
+one `from_pretrained` uses), so fused in-memory expert layouts come out exactly as transformers
+builds them, and are released again when the layer is done.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moemerge.architectures.layout import ModelLayout, disk_names
+from moemerge.checkpoint.reader import CheckpointReader
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device but buffers for real (like accelerate's init_empty_weights)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            kwargs = {"requires_grad": param.requires_grad}
+            module._parameters[name] = type(param)(module._parameters[name].to("meta"), **kwargs)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The causal LM of `config` with parameters on meta and real buffers, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a decoder layer: records what it is called with, returns the hidden states."""
+
+    def __init__(self, inner: torch.nn.Module, sink: dict[int, tuple[torch.Tensor, dict[str, Any]]], index: int):
+        super().__init__()
+        self.inner = inner
+        self.sink = sink
+        self.index = index
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise TypeError("decoder layers called with positional arguments beyond hidden_states are not supported")
+        self.sink[self.index] = (hidden_states, kwargs)
+        return hidden_states
+
+
+class LayerWalker:
+    """One checkpoint, run layer by layer: embeddings, per-layer inputs, one materialised layer at a time."""
+
+    def __init__(self, model_dir: str, layout: ModelLayout, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.layout = layout
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.reader = CheckpointReader(model_dir)
+        self.model = build_skeleton(layout.config, dtype)
+        self.base = getattr(self.model, self.model.base_model_prefix)
+        self.layers = self.model.get_submodule(layout.layers_module)
+        self._by_layer: dict[int, list[str]] = {}
+        outside = []
+        for name in self.reader.names():
+            match = _LAYER_INDEX.search(name)
+            if match:
+                self._by_layer.setdefault(int(match.group(1)), []).append(name)
+            else:
+                outside.append(name)
+        self._outside = outside
+        self._load(outside)
+        self.model.tie_weights()  # a tied output head shares the embedding just loaded
+        self._to_device(self.model)
+
+    def _load(self, names: list[str]) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        state = {name: self.reader.read(name) for name in names}
+        config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(self.model), dtype=self.dtype)
+        convert_and_load_state_dict_in_model(self.model, state, config)
+
+    def output_head_names(self) -> list[str]:
+        """On-disk names of the output head's tensors (absent when tied to the embeddings)."""
+        head = self.model.get_output_embeddings()
+        names = {n: p for n, p in self.model.named_parameters() if any(p is q for q in head.parameters())}
+        return [d for d in disk_names(self.model, names).values() if d in self.reader]
+
+    def layer_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+        """(hidden states, keyword arguments) the model passes into each decoder layer for this batch.
+
+        Only layer 0's hidden states are the real ones (later layers get layer 0's, unchanged,
+        from the recorders); the keyword arguments of every layer are exact.
+        """
+        sink: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+        originals = list(self.layers)
+        for index, layer in enumerate(originals):
+            self.layers[index] = _Recorder(layer, sink, index)
+        try:
+            with torch.no_grad():
+                self.base(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                    use_cache=False,
+                )
+        finally:
+            for index, layer in enumerate(originals):
+                self.layers[index] = layer
+        return [sink[i] for i in range(len(originals))]
+
+    def materialize(self, index: int) -> torch.nn.Module:
+        """Load decoder layer `index`'s weights from disk (converted to the in-memory layout)."""
+        self._load(self._by_layer.get(index, []))
+        layer = self.layers[index]
+        missing = [n for n, p in layer.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"{self.reader.model_dir}: layer {index} tensors missing on disk, e.g. {missing[0]}")
+        return self._to_device(layer)
+
+    def _to_device(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move every materialised tensor to the work device, leaving meta parameters alone."""
+        if self.device.type != "cpu":
+            for sub in module.modules():
+                for store in (sub._parameters, sub._buffers):
+                    for name, tensor in store.items():
+                        if tensor is not None and not tensor.is_meta:
+                            moved = tensor.to(self.device)
+                            store[name] = torch.nn.Parameter(moved, False) if name in sub._parameters else moved
+        return module
+
+    def release(self, index: int) -> None:
+        """Put layer `index`'s parameters back on the meta device, freeing their memory."""
+        for module in self.layers[index].modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last layer's output: the model's final norm, then its output head."""
+        norm = self.base.norm
+        return self.model.get_output_embeddings()(norm(hidden))
