@@ -51,10 +51,94 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def add_model_flags(parser: argparse.ArgumentParser, model: type, group: str) -> None:
+    """One `--flag` per scalar field of a pydantic model, with the field's description as help.
+
+    The recipe's option models are the single source of these flags, so the CLI and the YAML
+    schema cannot drift apart. Values left unset keep the model's defaults.
+    """
+    section = parser.add_argument_group(group)
+    for name, field in model.model_fields.items():
+        annotation = str(field.annotation)
+        if "BaseModel" in annotation or (
+            isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields")
+        ):
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = field.default if field.default is not None else "unset"
+        help_text = f"{field.description or ''} (default: {default})"
+        if field.annotation is bool:
+            section.add_argument(flag, dest=f"{group}.{name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            section.add_argument(flag, dest=f"{group}.{name}", type=_parse_scalar, default=None, help=help_text)
+
+
+def _parse_scalar(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def model_values(args: argparse.Namespace, group: str) -> dict:
+    """The flags of one group that the user set, as a dict for the pydantic model."""
+    prefix = f"{group}."
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from moemerge.calibrate.runner import CalibrationOptions, Domain, calibrate
+
+    files: dict[str, list[str]] = {}
+    for entry in args.data:
+        name, _, first = entry[0].partition("=")
+        if not first:
+            raise ValueError(f"--data {entry[0]}: expected SOURCE=FILE [FILE ...]")
+        files.setdefault(name, []).extend([first, *entry[1:]])
+    unknown = sorted(set(files) - set(args.source))
+    if unknown:
+        raise ValueError(f"--data names {unknown[0]}, which is not one of the --source models")
+    missing = [s for s in args.source if s not in files]
+    if missing:
+        raise ValueError(f"--source {missing[0]} has no --data {missing[0]}=FILES")
+    options = CalibrationOptions(
+        harc=model_values(args, "harc"), data=model_values(args, "data"), **model_values(args, "run")
+    )
+    domains = [Domain(source, tuple(files[source])) for source in args.source]
+    out = calibrate(args.merged, domains, args.out, options, work_dir=args.work_dir, overwrite=args.overwrite)
+    print(out)
+
+
 def _cmd_tiny(args: argparse.Namespace) -> None:
     from moemerge.architectures.tiny import save_tiny_model
 
     print(save_tiny_model(args.family, args.out, seed=args.seed))
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from moemerge.merge.driver import merge_checkpoints
+
+    out = merge_checkpoints(
+        args.recipe,
+        args.out,
+        overwrite=args.overwrite,
+        device=args.device,
+        max_shard_bytes=args.max_shard_size,
+        progress=not args.quiet,
+    )
+    print(out)
+
+
+def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
+    from moemerge.calibrate.runner import CalibrationOptions
+    from moemerge.calibrate.solve import RouterSolveOptions
+    from moemerge.data import DataOptions
+
+    add_model_flags(parser, RouterSolveOptions, "harc")
+    add_model_flags(parser, DataOptions, "data")
+    add_model_flags(parser, CalibrationOptions, "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="Hugging Face model folder (safetensors)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(run=_cmd_inspect)
+
+    merge = commands.add_parser("merge", help="stage 1: merge the recipe's models tensor by tensor")
+    merge.add_argument("recipe", help="recipe YAML (mergekit-compatible stage-1 keys)")
+    merge.add_argument("-o", "--out", required=True, help="output model folder (written atomically)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merge.add_argument("--device", default="cpu", help="cpu, or cuda to merge on the GPU when present (CPU otherwise)")
+    merge.add_argument(
+        "--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB, 1GiB (default 2GB)"
+    )
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(run=_cmd_merge)
+
+    cal = commands.add_parser("calibrate", help="stage 2: re-solve every MoE router of a merged model with HARC")
+    cal.add_argument("--merged", required=True, help="the stage-1 merged model folder")
+    cal.add_argument("--source", action="append", required=True, help="a source (specialist) model folder")
+    cal.add_argument(
+        "--data",
+        action="append",
+        nargs="+",
+        required=True,
+        metavar="SOURCE=FILE",
+        help="calibration files of a source's domain: SOURCE=FILE [FILE ...] (.jsonl or .txt)",
+    )
+    cal.add_argument("-o", "--out", required=True, help="output model folder")
+    cal.add_argument("--work-dir", help="folder of finished layers, for resuming (default: OUT.work)")
+    cal.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_calibration_flags(cal)
+    cal.set_defaults(run=_cmd_calibrate)
 
     tiny = commands.add_parser("tiny", help="write a tiny random model of a family (tests, demos)")
     tiny.add_argument("family", help="model_type, e.g. olmoe, qwen3_moe, deepseek_v3")

@@ -16,3 +16,59 @@ def tiny_olmoe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from moemerge.architectures.tiny import save_tiny_model
 
     return save_tiny_model("olmoe", tmp_path_factory.mktemp("olmoe"), seed=1, max_shard_size="100KB")
+
+
+def make_specialists(model_type: str, root: Path, *, num_sources: int = 2, **overrides) -> dict:
+    """A tiny base, `num_sources` specialists and their stage-1 average, plus domain text files.
+
+    Specialists differ from the base by random noise: strong on the routers (so routing differs
+    between them), weak elsewhere. The domain text is real: the stdlib's own source code and
+    pydoc's English topic prose, in samples of unequal length (so batches are padded).
+    """
+    import inspect
+    import json as json_module
+
+    import pydoc_data.topics
+    import torch
+
+    from moemerge.architectures.layout import load_layout
+    from moemerge.architectures.tiny import save_tiny_model
+    from moemerge.checkpoint.reader import CheckpointReader
+    from moemerge.checkpoint.writer import CheckpointWriter
+
+    base = save_tiny_model(model_type, root / "base", seed=0, **overrides)
+    layout = load_layout(base)
+    reader = CheckpointReader(base)
+    sources = []
+    for k in range(num_sources):
+        generator = torch.Generator().manual_seed(100 + k)
+        out = root / f"source{k}"
+        with CheckpointWriter(out) as writer:
+            for name in reader.names():
+                tensor = reader.read(name)
+                if tensor.is_floating_point() and tensor.numel() > 1:
+                    scale = 1.0 if name in layout.router_tensors else 0.05
+                    noise = torch.randn(tensor.shape, generator=generator) * tensor.float().std() * scale
+                    tensor = (tensor.float() + noise).to(tensor.dtype)
+                writer.add(name, tensor)
+            writer.copy_support_files(base)
+            writer.finalize()
+        sources.append(out)
+    readers = [CheckpointReader(s) for s in sources]
+    with CheckpointWriter(root / "average") as writer:
+        for name in reader.names():
+            tensor = reader.read(name)
+            if tensor.is_floating_point():
+                tensor = (sum(r.read(name).double() for r in readers) / len(readers)).to(tensor.dtype)
+            writer.add(name, tensor)
+        writer.copy_support_files(base)
+        writer.finalize()
+    code_lines = inspect.getsource(json_module.decoder).splitlines()
+    code = root / "code.jsonl"
+    code.write_text(
+        "\n".join(json_module.dumps({"text": "\n".join(code_lines[i : i + 3 + i % 5])}) for i in range(0, 160, 8))
+    )
+    prose = root / "prose.jsonl"
+    topics = list(pydoc_data.topics.topics.values())
+    prose.write_text("\n".join(json_module.dumps({"text": t[: 40 + 13 * i]}) for i, t in enumerate(topics[:20])))
+    return {"base": base, "sources": sources, "average": root / "average", "data": [code, prose]}

@@ -96,9 +96,11 @@ def tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def save_tiny_model(model_type: str, out_dir: str | Path, seed: int = 0, **save_kwargs: Any) -> Path:
+def save_tiny_model(
+    model_type: str, out_dir: str | Path, seed: int = 0, max_shard_size: str = "5GB", **overrides: Any
+) -> Path:
     """Build a tiny model of `model_type` with its tokenizer and write it as a Hugging Face folder."""
     out_dir = Path(out_dir)
-    tiny_model(model_type, seed=seed).save_pretrained(out_dir, **save_kwargs)
+    tiny_model(model_type, seed=seed, **overrides).save_pretrained(out_dir, max_shard_size=max_shard_size)
     tiny_tokenizer().save_pretrained(out_dir)
     return out_dir
