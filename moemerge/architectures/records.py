@@ -68,7 +68,6 @@ FAMILIES: dict[str, FamilyRecord] = {
         FamilyRecord("deepseek_v32", _G, selection_bias=_BIAS),
         FamilyRecord("glm4_moe", _G, selection_bias=_BIAS),
         FamilyRecord("glm4_moe_lite", _G, selection_bias=_BIAS),
-        FamilyRecord("glm_moe_dsa", _G, selection_bias=_BIAS),
         FamilyRecord("dots1", _G, selection_bias=_BIAS),
         FamilyRecord("exaone_moe", _G, selection_bias=_BIAS),
         FamilyRecord("solar_open", _G, selection_bias=_BIAS),
@@ -110,6 +109,8 @@ UNSUPPORTED: dict[str, str] = {
     "axk1": "attention layout with mismatched rotary dims in small configs; " + _NO_TINY,
     "axk2": "attention layout with mismatched rotary dims in small configs; " + _NO_TINY,
     "hy_v4": _NO_TINY,
+    "glm_moe_dsa": "decoder layers hand sparse-attention indices (DSA indexer) to the next layer; "
+    "the layer-by-layer runner passes hidden states only",
     "beam": "a small config of this family has no MoE layer; " + _NO_TINY,
 }
 
