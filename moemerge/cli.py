@@ -89,7 +89,8 @@ def model_values(args: argparse.Namespace, group: str) -> dict:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
-    from moemerge.calibrate.runner import CalibrationOptions, Domain, calibrate
+    from moemerge.calibrate.options import CalibrationOptions
+    from moemerge.calibrate.runner import Domain, calibrate
 
     files: dict[str, list[str]] = {}
     for entry in args.data:
@@ -109,6 +110,40 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     domains = [Domain(source, tuple(files[source])) for source in args.source]
     out = calibrate(args.merged, domains, args.out, options, work_dir=args.work_dir, overwrite=args.overwrite)
     print(out)
+
+
+def _source_files(sources: list[str], data: list[list[str]]) -> dict[str, list[str]]:
+    """`--data SOURCE=FILE [FILE ...]` entries grouped by source; every source needs files, every entry a source."""
+    files: dict[str, list[str]] = {}
+    for entry in data:
+        name, _, first = entry[0].partition("=")
+        if not first:
+            raise ValueError(f"--data {entry[0]}: expected SOURCE=FILE [FILE ...]")
+        files.setdefault(name, []).extend([first, *entry[1:]])
+    unknown = sorted(set(files) - set(sources))
+    if unknown:
+        raise ValueError(f"--data names {unknown[0]}, which is not one of the --source models")
+    missing = [s for s in sources if s not in files]
+    if missing:
+        raise ValueError(f"--source {missing[0]} has no --data {missing[0]}=FILES")
+    return files
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> None:
+    from moemerge.calibrate.runner import Domain
+    from moemerge.diagnose.evaluate import diagnose
+    from moemerge.diagnose.options import DiagnoseOptions
+    from moemerge.diagnose.report import headline_table
+
+    files = _source_files(args.source, args.data)
+    values = model_values(args, "diagnose")
+    if "stage1" in values:
+        values["stage1"] = str(values["stage1"])  # a folder named like a number is still a path
+    options = DiagnoseOptions(data=model_values(args, "data"), **values)
+    domains = [Domain(source, tuple(files[source])) for source in args.source]
+    report = diagnose(args.model, domains, args.out, options, overwrite=args.overwrite, progress=not args.quiet)
+    print(headline_table(report))
+    print(f"report: {args.out}")
 
 
 def _cmd_tiny(args: argparse.Namespace) -> None:
@@ -132,13 +167,20 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 
 
 def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
-    from moemerge.calibrate.runner import CalibrationOptions
-    from moemerge.calibrate.solve import RouterSolveOptions
+    from moemerge.calibrate.options import CalibrationOptions, RouterSolveOptions
     from moemerge.data import DataOptions
 
     add_model_flags(parser, RouterSolveOptions, "harc")
     add_model_flags(parser, DataOptions, "data")
     add_model_flags(parser, CalibrationOptions, "run")
+
+
+def _add_diagnose_flags(parser: argparse.ArgumentParser) -> None:
+    from moemerge.data import DataOptions
+    from moemerge.diagnose.options import DiagnoseOptions
+
+    add_model_flags(parser, DiagnoseOptions, "diagnose")
+    add_model_flags(parser, DataOptions, "data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_calibration_flags(cal)
     cal.set_defaults(run=_cmd_calibrate)
+
+    diag = commands.add_parser(
+        "diagnose", help="compare models with each source on its domain's held-out text: routing, loss, plots"
+    )
+    diag.add_argument("--model", action="append", required=True, help="a candidate model folder (repeatable)")
+    diag.add_argument("--source", action="append", required=True, help="a source (specialist) model folder")
+    diag.add_argument(
+        "--data",
+        action="append",
+        nargs="+",
+        required=True,
+        metavar="SOURCE=FILE",
+        help="text files of a source's domain: SOURCE=FILE [FILE ...]; evaluated on the --heldout split",
+    )
+    diag.add_argument("-o", "--out", required=True, help="report folder (report.json, report.md, PNG plots)")
+    diag.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    diag.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_diagnose_flags(diag)
+    diag.set_defaults(run=_cmd_diagnose)
 
     tiny = commands.add_parser("tiny", help="write a tiny random model of a family (tests, demos)")
     tiny.add_argument("family", help="model_type, e.g. olmoe, qwen3_moe, deepseek_v3")

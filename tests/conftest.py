@@ -27,8 +27,8 @@ def make_specialists(model_type: str, root: Path, *, num_sources: int = 2, **ove
     """
     import inspect
     import json as json_module
-
     import pydoc_data.topics
+
     import torch
 
     from moemerge.architectures.layout import load_layout

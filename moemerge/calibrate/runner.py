@@ -23,40 +23,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from moemerge.architectures.layout import ModelLayout, MoeLayer, load_layout
 from moemerge.architectures.routing import top_k_agreement, top_k_experts
-from moemerge.calibrate.solve import RouterSolveOptions, solve_router
+from moemerge.calibrate.options import CalibrationOptions
+from moemerge.calibrate.solve import solve_router
 from moemerge.calibrate.walk import LayerWalker
 from moemerge.checkpoint.card import model_card
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.checkpoint.writer import CheckpointWriter
-from moemerge.data import Batch, DataOptions, batches, load_domain
+from moemerge.data import Batch, batches, load_domain
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "moemerge_calibration.json"
 
 RouterInputsCallback = Callable[[int, list[torch.Tensor]], None]
-
-
-class CalibrationOptions(BaseModel):
-    """How stage 2 runs (the `calibrate` section of a recipe; also `moemerge calibrate`'s flags)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    harc: RouterSolveOptions = Field(default_factory=RouterSolveOptions)
-    data: DataOptions = Field(default_factory=DataOptions)
-    batch_tokens: int = Field(8192, ge=1, description="Tokens (padding included) per forward batch.")
-    activation_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Storage dtype of hidden states and router inputs between uses."
-    )
-    forward_dtype: Literal["float32", "float64"] = Field("float32", description="Dtype the layers run in.")
-    device: str = Field("cpu", description="Device of the layer forward passes and the solver (cpu, cuda).")
 
 
 @dataclass(frozen=True)
@@ -127,7 +111,9 @@ class Calibrator:
         for domain in domains:
             calibration, _ = load_domain(domain.source, domain.files, tokenizer, options.data)
             domain_batches = list(batches(calibration, options.batch_tokens, pad_id))
-            hidden = [self.walker.layer_inputs(b.input_ids, b.attention_mask)[0][0].to(self.storage) for b in domain_batches]
+            hidden = [
+                self.walker.layer_inputs(b.input_ids, b.attention_mask)[0][0].to(self.storage) for b in domain_batches
+            ]
             self.domains.append(_DomainState(domain.source, CheckpointReader(domain.source), domain_batches, hidden))
         self.solved: dict[str, torch.Tensor] = {}
         self.summaries: list[dict] = []
@@ -167,7 +153,9 @@ class Calibrator:
         merged_w = reader.read(info.router_weight).to(torch.float32)
         merged_b = reader.read(info.router_bias).to(torch.float32) if info.router_bias else None
         source_w = [s.source.read(info.router_weight).to(torch.float32) for s in self.domains]
-        source_b = [s.source.read(info.router_bias).to(torch.float32) for s in self.domains] if info.router_bias else None
+        source_b = (
+            [s.source.read(info.router_bias).to(torch.float32) for s in self.domains] if info.router_bias else None
+        )
         start = time.perf_counter()
         solution = solve_router(
             [x.to(self.walker.device) for x in router_inputs],

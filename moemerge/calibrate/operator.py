@@ -1,0 +1,372 @@
+"""The HARC curvature operator of one MoE router layer (docs/HARC.md, "Closed form and the linear operator").
+
+For source model i with router parameters W_i (E x d), calibration activations X_i (N_i x d) and
+per-token routing curvature H_i(x) (E x E), HARC works with the linear operator on E x d matrices
+
+    A_i(V) = (1/N_i) sum_{x in X_i} H_i(x) V x x^T
+
+and solves  sum_i A_i^g(W) = sum_i A_i^g(W_i)  where A_i^g is A_i blended with its own diagonal
+(``gamma``). Flattening V row-major (index e * d + j), A_i is the E*d x E*d matrix
+(1/N_i) sum_x kron(H_i(x), x x^T); it is never formed. A batch of tokens X (n x d) costs two
+matrix products:
+
+    Z  = X V^T                      (n x E)
+    HZ = row-wise H(x) z            (n x E, elementwise from the stored source probabilities)
+    A_i(V) += HZ^T X                (E x d)
+
+Router kinds and their curvature H(x) (the Hessian, at W = W_i, of the divergence that the
+calibrated router should keep small):
+
+- ``softmax``: p = softmax(W_i x) over all experts, H = diag(p) - p p^T, the Hessian of
+  KL(softmax(W_i x) || softmax(W x)). Top-k selection with or without renormalising the k
+  weights (OLMoE, Qwen-MoE, Mixtral) uses the same curvature: the probabilities are computed over
+  all experts before the selection.
+- ``topk_softmax``: top-k first, then a softmax over the k selected logits (GPT-OSS, Granite).
+  We use the full softmax curvature; see :data:`ROUTER_KINDS` for why.
+- ``sigmoid``: s = sigmoid(W_i x) per expert (DeepSeek-V3, GLM-4.5, MiniMax-M2), H = diag(s (1 - s)),
+  the Hessian of sum_e KL(Bernoulli(s_ie) || Bernoulli(sigmoid(W x)_e)). The expert-selection
+  bias (``e_score_correction_bias``) only shifts which experts are picked and is not part of W:
+  never pass it as ``bias`` here.
+
+A router bias b (GPT-OSS ``router.bias``) is solved jointly with W: the parameters become
+[W, b] (E x (d + 1)) and every token is extended by a constant 1, so ``dim = d + 1``.
+
+Distributed use: every statistic that sums over tokens (operator applications, diagonal, blocks,
+Kronecker factors, token counts) passes its float64 partial sum through ``reduce`` before it is
+normalised or used, so plugging in an all-reduce (sum) over ranks that hold different tokens of
+the same domain gives the statistics of the union of their tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+RouterKind = Literal["softmax", "topk_softmax", "sigmoid"]
+"""Router scoring functions the operator knows.
+
+``topk_softmax`` (top-k, then softmax over the k) uses the full softmax curvature. The exact
+objective for such a router, the KL between the renormalised distributions over the selected
+set, has (i) zero curvature for every expert outside the source's top-k, so nothing would keep a
+non-selected expert's logit from rising into the top-k, which is exactly the routing breakdown
+HARC repairs, and (ii) a selection that jumps as W moves, so its second-order expansion at W_i
+is blind to selection flips. Matching the full softmax over all logits matches their ordering
+(hence the selection) and, restricted to the selected experts, their renormalised weights, and
+it is smooth; its minimiser reproduces the source routing wherever a single router can.
+"""
+
+Reduce = Callable[[Tensor], Tensor]
+"""Hook applied to every float64 partial sum over tokens before use (identity by default)."""
+
+ROUTER_KINDS: tuple[str, ...] = get_args(RouterKind)
+
+
+def identity_reduce(partial_sum: Tensor) -> Tensor:
+    """The single-process reduction: the local sum is the global sum."""
+    return partial_sum
+
+
+def blend_coefficients(gamma: float) -> tuple[float, float]:
+    """(a, c) with A^g(V) = a A(V) + c diag(A) * V for HARC's three gamma regimes.
+
+    gamma < 1: gamma A + (1 - gamma) diag(A);  gamma > 1: A + (gamma - 1) diag(A);  gamma = 1: A.
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    if gamma < 1:
+        return gamma, 1.0 - gamma
+    if gamma > 1:
+        return 1.0, gamma - 1.0
+    return 1.0, 0.0
+
+
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)  # type: ignore[arg-type]
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute dtype must be float32 or float64, got {dtype}")
+    return dtype  # type: ignore[return-value]
+
+
+class DomainCurvature:
+    """Curvature statistics of one source domain: A_i, its diagonal, its blocks, Kronecker factors.
+
+    Holds the activations X_i (any floating dtype; bf16 storage halves memory) and the per-token
+    source routing quantity computed once from W_i (and b_i): the probabilities p for softmax
+    kinds, s (1 - s) for sigmoid. Every product runs per token batch in ``dtype`` (float32 by
+    default) and is summed into float64; results are float64 and already divided by N_i.
+
+    Args:
+        activations: X_i, N_i x d router inputs of this domain's (local) tokens.
+        weight: W_i, the source router weight, E x d.
+        bias: b_i (E,), the source router bias, or None. With a bias every method works on
+            E x (d + 1) parameters [W, b] and tokens extended by a constant 1.
+        kind: router scoring function, one of :data:`ROUTER_KINDS`.
+        dtype: compute dtype of the per-batch products (float32 or float64).
+        batch_size: tokens per batch.
+        reduce: hook applied to each float64 partial sum over tokens (see module docstring).
+    """
+
+    def __init__(
+        self,
+        activations: Tensor,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        *,
+        kind: RouterKind = "softmax",
+        dtype: torch.dtype | str = torch.float32,
+        batch_size: int = 4096,
+        reduce: Reduce | None = None,
+    ) -> None:
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"unknown router kind {kind!r}; expected one of {ROUTER_KINDS}")
+        if activations.dim() != 2:
+            raise ValueError(f"activations must be N x d, got shape {tuple(activations.shape)}")
+        if weight.dim() != 2 or weight.shape[1] != activations.shape[1]:
+            raise ValueError(
+                f"router weight must be E x d with d = {activations.shape[1]} (activations), "
+                f"got shape {tuple(weight.shape)}"
+            )
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"router bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.kind: RouterKind = kind
+        self.dtype = _torch_dtype(dtype)
+        self.batch_size = int(batch_size)
+        self.reduce: Reduce = reduce or identity_reduce
+        self.activations = activations
+        self.has_bias = bias is not None
+        self.num_experts = weight.shape[0]
+        self.dim = activations.shape[1] + (1 if self.has_bias else 0)
+        self.device = activations.device
+
+        source = weight.to(device=self.device, dtype=torch.float64)
+        if bias is not None:
+            source = torch.cat([source, bias.to(device=self.device, dtype=torch.float64)[:, None]], dim=1)
+        self.source = source
+        """Source parameters W_i (or [W_i, b_i]) in float64, E x dim."""
+
+        local_tokens = torch.tensor([float(activations.shape[0])], dtype=torch.float64, device=self.device)
+        self.num_tokens = float(self.reduce(local_tokens).item())
+        """N_i summed over all ranks."""
+        if self.num_tokens <= 0:
+            raise ValueError("a calibration domain has no tokens; every source needs calibration data")
+        self._curvature = self._source_curvature()
+
+    def _source_curvature(self) -> Tensor:
+        """Per-token p (softmax kinds) or s (1 - s) (sigmoid), N x E in the compute dtype."""
+        source = self.source.to(self.dtype)
+        parts = []
+        for _, xb in self._batches():
+            logits = xb @ source.T
+            if self.kind == "sigmoid":
+                s = torch.sigmoid(logits)
+                parts.append(s * (1 - s))
+            else:
+                parts.append(torch.softmax(logits, dim=1))
+        if not parts:
+            return torch.empty(0, self.num_experts, dtype=self.dtype, device=self.device)
+        return torch.cat(parts)
+
+    def _batches(self) -> Iterator[tuple[int, Tensor]]:
+        """(start, X[start:start + n] in the compute dtype, extended by a ones column with a bias)."""
+        n_total, d = self.activations.shape
+        buffer: Tensor | None = None
+        for start in range(0, n_total, self.batch_size):
+            chunk = self.activations[start : start + self.batch_size]
+            if not self.has_bias and chunk.dtype == self.dtype:
+                yield start, chunk
+                continue
+            n = chunk.shape[0]
+            if buffer is None or buffer.shape[0] != n:
+                buffer = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+                if self.has_bias:
+                    buffer[:, d] = 1.0
+            buffer[:, :d].copy_(chunk)
+            yield start, buffer
+
+    def _h_diagonal(self, curv: Tensor) -> Tensor:
+        """h_ee(x) for a batch: p (1 - p) for softmax kinds, s (1 - s) (stored as is) for sigmoid."""
+        return curv if self.kind == "sigmoid" else curv * (1 - curv)
+
+    def _finish(self, partial_sum: Tensor) -> Tensor:
+        return self.reduce(partial_sum) / self.num_tokens
+
+    def apply(self, V: Tensor) -> Tensor:
+        """A_i(V) = (1/N_i) sum_x H_i(x) V x x^T for V of shape E x dim; float64 result."""
+        if tuple(V.shape) != (self.num_experts, self.dim):
+            raise ValueError(f"V must be {self.num_experts} x {self.dim}, got {tuple(V.shape)}")
+        Vc = V.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros(self.num_experts, self.dim, dtype=torch.float64, device=self.device)
+        for start, xb in self._batches():
+            curv = self._curvature[start : start + xb.shape[0]]
+            z = xb @ Vc.T
+            if self.kind == "sigmoid":
+                hz = curv * z
+            else:
+                pz = curv * z
+                hz = pz - curv * pz.sum(dim=1, keepdim=True)
+            out += (hz.T @ xb).to(torch.float64)
+        return self._finish(out)
+
+    def diagonal(self) -> Tensor:
+        """Exact diag(A_i) as an E x dim matrix: (1/N_i) sum_x h_ee(x) x_j^2; float64."""
+        out = torch.zeros(self.num_experts, self.dim, dtype=torch.float64, device=self.device)
+        for start, xb in self._batches():
+            h = self._h_diagonal(self._curvature[start : start + xb.shape[0]])
+            out += (h.T @ (xb * xb)).to(torch.float64)
+        return self._finish(out)
+
+    def blocks(self, out: Tensor | None = None) -> Tensor:
+        """Exact per-expert diagonal blocks B_e = (1/N_i) sum_x h_ee(x) x x^T, E x dim x dim float64.
+
+        E * dim^2 numbers; costs about dim / 2 operator applications (2 E N dim^2 flops). With
+        ``out`` the blocks are added into it (no second E x dim x dim buffer) and it is returned.
+        """
+        shape = (self.num_experts, self.dim, self.dim)
+        if out is None:
+            out = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        elif tuple(out.shape) != shape or out.dtype != torch.float64:
+            raise ValueError(f"out must be float64 of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+        # Expert-outer loop: only one dim x dim partial sum is alive, and each goes through the hook.
+        for e in range(self.num_experts):
+            partial = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+            for start, xb in self._batches():
+                h = self._h_diagonal(self._curvature[start : start + xb.shape[0], e])
+                partial += ((xb * h[:, None]).T @ xb).to(torch.float64)
+            out[e] += self._finish(partial)
+        return out
+
+    def expert_factor(self) -> Tensor:
+        """(1/N_i) sum_x H_i(x), E x E float64 and positive semi-definite (Kronecker preconditioner)."""
+        sums = torch.zeros(self.num_experts, dtype=torch.float64, device=self.device)
+        outer = torch.zeros(self.num_experts, self.num_experts, dtype=torch.float64, device=self.device)
+        for start in range(0, self._curvature.shape[0], self.batch_size):
+            curv = self._curvature[start : start + self.batch_size]
+            sums += curv.sum(dim=0).to(torch.float64)
+            if self.kind != "sigmoid":
+                outer += (curv.T @ curv).to(torch.float64)
+        factor = torch.diag(self._finish(sums))
+        if self.kind != "sigmoid":
+            factor -= self._finish(outer)
+        return factor
+
+    def input_gram(self) -> Tensor:
+        """(1/N_i) sum_x x x^T, dim x dim float64 (Kronecker preconditioner)."""
+        out = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        for _, xb in self._batches():
+            out += (xb.T @ xb).to(torch.float64)
+        return self._finish(out)
+
+
+class HarcSystem:
+    """The HARC normal equations  sum_i A_i^g(W) = sum_i A_i^g(W_i)  over all source domains.
+
+    Each domain is weighted equally whatever its token count (A_i already carries 1/N_i). The
+    gamma blend uses each domain's own diagonal; since it is linear, sum_i A_i^g(V) =
+    a sum_i A_i(V) + c (sum_i diag(A_i)) * V with (a, c) = :func:`blend_coefficients`.
+    """
+
+    def __init__(self, domains: Sequence[DomainCurvature], gamma: float = 0.9) -> None:
+        if not domains:
+            raise ValueError("HarcSystem needs at least one source domain")
+        first = domains[0]
+
+        def signature(dom: DomainCurvature) -> tuple:
+            return (dom.num_experts, dom.dim, dom.kind, dom.dtype)
+
+        for i, dom in enumerate(domains):
+            if signature(dom) != signature(first):
+                raise ValueError(
+                    f"domain {i} has (experts, dim, kind, dtype) = {signature(dom)}, domain 0 has {signature(first)}"
+                )
+        self.domains = list(domains)
+        self.gamma = float(gamma)
+        self.coef_operator, self.coef_diagonal = blend_coefficients(self.gamma)
+        self.num_experts = first.num_experts
+        self.dim = first.dim
+        self.kind: RouterKind = first.kind
+        self.dtype = first.dtype
+        self.device = first.device
+        self._domain_diagonals: list[Tensor] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_experts, self.dim)
+
+    def domain_diagonals(self) -> list[Tensor]:
+        """diag(A_i) of every domain (unblended), computed once."""
+        if self._domain_diagonals is None:
+            self._domain_diagonals = [dom.diagonal() for dom in self.domains]
+        return self._domain_diagonals
+
+    def unblended_diagonal(self) -> Tensor:
+        """sum_i diag(A_i), E x dim float64."""
+        return torch.stack(self.domain_diagonals()).sum(dim=0)
+
+    def apply(self, V: Tensor) -> Tensor:
+        """sum_i A_i^g(V), float64 E x dim."""
+        out = sum(dom.apply(V) for dom in self.domains)
+        out = self.coef_operator * out
+        if self.coef_diagonal:
+            out += self.coef_diagonal * self.unblended_diagonal() * V.to(torch.float64)
+        return out
+
+    def rhs(self) -> Tensor:
+        """sum_i A_i^g(W_i), float64 E x dim."""
+        out = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+        for dom, diag in zip(self.domains, self.domain_diagonals(), strict=True):
+            out += self.coef_operator * dom.apply(dom.source)
+            if self.coef_diagonal:
+                out += self.coef_diagonal * diag * dom.source
+        return out
+
+    def diagonal(self) -> Tensor:
+        """Exact diagonal of the blended operator, E x dim float64."""
+        return (self.coef_operator + self.coef_diagonal) * self.unblended_diagonal()
+
+    def blocks(self) -> Tensor:
+        """Exact per-expert dim x dim diagonal blocks of the blended operator, E x dim x dim float64.
+
+        gamma < 1: gamma B_e + (1 - gamma) diag(B_e);  gamma > 1: B_e + (gamma - 1) diag(B_e).
+        """
+        out = torch.zeros(self.num_experts, self.dim, self.dim, dtype=torch.float64, device=self.device)
+        for dom in self.domains:
+            dom.blocks(out=out)
+        if self.coef_operator != 1.0:
+            out *= self.coef_operator
+        if self.coef_diagonal:
+            out.diagonal(dim1=1, dim2=2).add_(self.coef_diagonal * self.unblended_diagonal())
+        return out
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor]:
+        """(mean_i (1/N_i) sum_x H_i(x)  [E x E],  mean_i (1/N_i) sum_x x x^T  [dim x dim]), float64."""
+        k = len(self.domains)
+        expert = sum(dom.expert_factor() for dom in self.domains) / k
+        gram = sum(dom.input_gram() for dom in self.domains) / k
+        return expert, gram
+
+    def null_space_projector(self) -> Callable[[Tensor], Tensor] | None:
+        """Orthogonal projector that removes the operator's structural null space, or None.
+
+        Only gamma = 1 leaves the system singular by construction: for softmax kinds,
+        H(x) 1 = 0, so adding one vector c to every expert's row (V + 1 c^T) changes nothing. The
+        projector removes the mean over experts (each column of V minus its mean). Directions
+        that no token's activation reaches (the null space of the pooled input Gram, only
+        possible with fewer tokens than dim or degenerate activations) are not removed. Sigmoid
+        curvature is diagonal and positive, so there is no structural null space (None).
+        """
+        if self.coef_diagonal or self.kind == "sigmoid":
+            return None
+        return _remove_expert_mean
+
+
+def _remove_expert_mean(V: Tensor) -> Tensor:
+    return V - V.mean(dim=0, keepdim=True)

@@ -1,0 +1,82 @@
+"""Options of stage 2, kept free of torch so that the CLI builds its flags from them instantly.
+
+`RouterSolveOptions` (one router's solve) and `CalibrationOptions` (the whole layer-by-layer run)
+are the `calibrate` section of a recipe and the source of `moemerge calibrate`'s flags.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moemerge.data import DataOptions
+
+PreconditionerName = Literal["none", "diagonal", "kronecker", "block"]
+
+
+class RouterSolveOptions(BaseModel):
+    """How HARC re-fits one router (the ``harc`` section of a recipe).
+
+    The default preconditioner is ``kronecker`` (benchmarks/harc_cg.py; OLMoE shapes E = 64,
+    d = 2048, 3 domains x 4096 tokens, anisotropic activations, gamma 0.9, float32, tol 1e-6):
+
+        none 657 iterations, diagonal 269, kronecker 41, block 9
+
+    Building ``kronecker`` costs about d / (2E) = 16 operator passes (one input Gram), so it needs the
+    least total work: about 60 passes against ~270 (diagonal) and ~660 (none). ``block`` needs the
+    fewest iterations but building its E exact d x d blocks costs about d / 2 = 1024 passes, more
+    than CG without it; it pays off only when the diagonal blocks are reused or for sigmoid routers
+    (exact in one iteration).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gamma: float = Field(
+        0.9,
+        gt=0,
+        description="Blend of each domain's curvature operator with its own diagonal: < 1 gives "
+        "gamma*A + (1-gamma)*diag(A), > 1 gives A + (gamma-1)*diag(A), 1 is unregularised "
+        "(singular; the solution then differs from the start point only outside the null space).",
+    )
+    init: Literal["merged", "zero", "average"] = Field(
+        "merged",
+        description="CG start point: the stage-1 merged router, zeros, or the average of the source routers.",
+    )
+    tol: float = Field(
+        1e-6, gt=0, description="Stop when the true relative residual ||b - A w|| / ||b|| is at most this."
+    )
+    max_iter: int = Field(1000, ge=0, description="Most CG iterations (one pass over all calibration tokens each).")
+    preconditioner: PreconditionerName = Field(
+        "kronecker",
+        description="CG preconditioner: none; diagonal (Jacobi on the exact diagonal, the authors' option); "
+        "kronecker (per-expert curvature x input Gram, plus an exact correction for the softmax row-shift "
+        "directions; cheap, fewest passes overall); block (exact per-expert d x d blocks plus the same "
+        "correction; E*d^2 numbers, costs about d/2 operator passes to build).",
+    )
+    dtype: Literal["float32", "float64"] = Field(
+        "float32",
+        description="Work dtype of the per-batch products and the CG vectors; sums over tokens are float64 either way.",
+    )
+    batch_size: int = Field(4096, ge=1, description="Tokens per batch in the curvature products.")
+    memory_budget_bytes: int | None = Field(
+        8 * 2**30,
+        ge=0,
+        description="Bytes the preconditioner may hold; if the requested one needs more, the best that fits "
+        "is used (block, kronecker, diagonal, none) and reported. None: no limit.",
+    )
+
+
+class CalibrationOptions(BaseModel):
+    """How stage 2 runs (the `calibrate` section of a recipe; also `moemerge calibrate`'s flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    harc: RouterSolveOptions = Field(default_factory=RouterSolveOptions)
+    data: DataOptions = Field(default_factory=DataOptions)
+    batch_tokens: int = Field(8192, ge=1, description="Tokens (padding included) per forward batch.")
+    activation_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Storage dtype of hidden states and router inputs between uses."
+    )
+    forward_dtype: Literal["float32", "float64"] = Field("float32", description="Dtype the layers run in.")
+    device: str = Field("cpu", description="Device of the layer forward passes and the solver (cpu, cuda).")
