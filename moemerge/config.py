@@ -60,6 +60,20 @@ class TokenizerSource(_Strict):
     source: str = Field(default="base", description="'base', or the path of the model whose tokenizer to copy.")
 
 
+def _calibration_options() -> type[BaseModel]:
+    from moemerge.calibrate.options import CalibrationOptions
+
+    return CalibrationOptions
+
+
+class CalibrateSection(_calibration_options()):  # type: ignore[misc]
+    """Stage 2 in a recipe: the calibration text of each source, and the HARC options."""
+
+    domains: dict[str, list[str]] = Field(
+        description="Source model path -> its domain's calibration files (.jsonl with messages/text, or .txt)."
+    )
+
+
 class Recipe(_Strict):
     """A stage-1 merge of K fine-tuned MoE checkpoints of one base (mergekit-compatible)."""
 
@@ -75,6 +89,7 @@ class Recipe(_Strict):
         default="float32", description="Dtype every tensor is merged in (never bf16)."
     )
     seed: int = Field(default=0, description="Seed of random methods (DARE, DELLA): masks depend on seed and name.")
+    calibrate: CalibrateSection | None = Field(default=None, description="Stage 2 (HARC); omit to merge only.")
     routers: str = Field(
         default="merge",
         description="How stage 1 treats router tensors: 'merge' like any tensor, 'base', or a source model path.",
@@ -97,6 +112,14 @@ class Recipe(_Strict):
             raise ValueError(f"routers must be 'merge', 'base' or one of the source models, got {self.routers!r}")
         if self.routers == "base" and self.base_model is None:
             raise ValueError("routers: 'base' needs a base_model")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_domains_are_sources(self) -> Recipe:
+        if self.calibrate is not None:
+            unknown = sorted(set(self.calibrate.domains) - set(self.source_paths))
+            if unknown:
+                raise ValueError(f"calibrate.domains names {unknown[0]!r}, which is not one of models[].model")
         return self
 
     @property
@@ -151,5 +174,14 @@ def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:
             "tokenizer": recipe.tokenizer
             and recipe.tokenizer.model_copy(update={"source": resolve(recipe.tokenizer.source)}),
             "tokenizer_source": resolve(recipe.tokenizer_source),
+            "calibrate": recipe.calibrate
+            and recipe.calibrate.model_copy(
+                update={
+                    "domains": {
+                        resolve(source): [resolve(f) for f in files]
+                        for source, files in recipe.calibrate.domains.items()
+                    }
+                }
+            ),
         }
     )
