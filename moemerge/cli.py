@@ -146,6 +146,12 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
     print(f"report: {args.out}")
 
 
+def _cmd_run(args: argparse.Namespace) -> None:
+    from moemerge.pipeline import run_recipe
+
+    print(run_recipe(args.recipe, args.out, stage1=args.stage1, overwrite=args.overwrite, progress=not args.quiet))
+
+
 def _cmd_tiny(args: argparse.Namespace) -> None:
     from moemerge.architectures.tiny import save_tiny_model
 
@@ -240,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_diagnose_flags(diag)
     diag.set_defaults(run=_cmd_diagnose)
+
+    run = commands.add_parser("run", help="stage 1, stage 2 and diagnose from one recipe; report in the model card")
+    run.add_argument("recipe", help="recipe YAML (merge fields plus an optional calibrate section)")
+    run.add_argument("-o", "--out", required=True, help="output model folder (stage 1 goes to OUT.stage1)")
+    run.add_argument("--stage1", help="start from this existing stage-1 checkpoint instead of merging")
+    run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(run=_cmd_run)
 
     tiny = commands.add_parser("tiny", help="write a tiny random model of a family (tests, demos)")
     tiny.add_argument("family", help="model_type, e.g. olmoe, qwen3_moe, deepseek_v3")

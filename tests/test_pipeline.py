@@ -1,0 +1,41 @@
+"""`moemerge run` on a tiny OLMoE recipe writes model, report and card; the card's table is the report's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from conftest import make_specialists
+
+from moemerge.cli import main
+from moemerge.diagnose.report import headline_table, load_report
+
+
+def test_run_writes_model_report_and_card(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    setup = make_specialists("olmoe", tmp_path)
+    sources = [str(s) for s in setup["sources"]]
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(setup["base"]),
+        "models": [{"model": s, "parameters": {"weight": 1.0}} for s in sources],
+        "dtype": "float32",
+        "calibrate": {
+            "domains": {s: [str(f)] for s, f in zip(sources, setup["data"], strict=True)},
+            "data": {"max_length": 48, "heldout": 0.3},
+            "batch_tokens": 256,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "merged"
+    assert main(["run", str(path), "-o", str(out), "--quiet"]) == 0
+
+    assert (tmp_path / "merged.stage1" / "model.safetensors").is_file()
+    report = load_report(out / "report")
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert data and list((out / "report").glob("*.png"))
+    assert headline_table(report).strip() in (out / "README.md").read_text()
+    AutoModelForCausalLM.from_pretrained(out)
