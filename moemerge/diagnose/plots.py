@@ -26,10 +26,10 @@ AGREEMENT_PNG = "agreement_per_layer.png"
 LOSS_PNG = "loss_per_domain.png"
 
 
-def _figure(width: float, height: float) -> Figure:
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return Figure(figsize=(width, height), dpi=110, layout=layout)
 
 
 def _colours(report: Report) -> dict[str, tuple]:
@@ -90,7 +90,13 @@ def plot_expert_load(report: Report, model: str, path: Path) -> None:
     annotate = num_layers * num_experts <= 256
     panel_width = min(max(2.5, 0.55 * num_experts if annotate else 0.12 * num_experts), 9.0)
     panel_height = 0.6 + (0.3 if annotate else 0.15) * num_layers
-    fig = _figure(panel_width * len(report.domains) + 1.3, panel_height * len(grid) + 0.6)
+    # margins in inches, laid out by hand: a layout engine costs seconds per figure of many panels
+    width, height = panel_width * len(report.domains) + 1.9, panel_height * len(grid) + 1.0
+    fig = _figure(width, height, layout=None)
+    left, right, bottom, top_margin = 0.7 / width, 1 - 1.2 / width, 0.5 / height, 1 - 0.55 / height
+    fig.subplots_adjust(
+        left=left, right=right, bottom=bottom, top=top_margin, wspace=0.35 / panel_width, hspace=0.4 / panel_height
+    )
     axes = fig.subplots(len(grid), len(report.domains), squeeze=False, sharex=True, sharey=True)
     image = None
     for r, row in enumerate(grid):
@@ -107,7 +113,8 @@ def plot_expert_load(report: Report, model: str, path: Path) -> None:
         axes[r][0].set_ylabel("MoE layer")
     for ax in axes[-1]:
         ax.set_xlabel("expert")
-    fig.colorbar(image, ax=axes.ravel().tolist(), label="fraction of assignments")
+    colour_bar = fig.add_axes((1 - 0.95 / width, bottom, 0.15 / width, top_margin - bottom))
+    fig.colorbar(image, cax=colour_bar, label="fraction of assignments")
     fig.suptitle(f"expert load: {model}; uniform = {1 / num_experts:.3f}")
     fig.savefig(path)
 
