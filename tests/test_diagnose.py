@@ -12,7 +12,7 @@ from conftest import make_specialists
 
 from moemerge.architectures.layout import load_layout
 from moemerge.architectures.records import RouterKind
-from moemerge.calibrate.runner import Domain
+from moemerge.calibrate.runner import SUMMARY_FILE, Domain
 from moemerge.checkpoint.card import model_card
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.checkpoint.writer import CheckpointWriter
@@ -97,6 +97,7 @@ def _with_routers_of(body: Path, routers: Path, out: Path) -> Path:
             writer.add(name, (take if name in swapped else keep).read(name))
         writer.copy_support_files(body)
         recipe = json.dumps({"calibrate": {"data": {"heldout": 0, "seed": 0}}})
+        writer.write_text(SUMMARY_FILE, "{}")
         writer.write_text("README.md", model_card(recipe=recipe, sources=[str(routers)], base=None, summary="test"))
         writer.finalize()
     return out

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moemerge.architectures.layout import ModelLayout, MoeLayer, load_layout
-from moemerge.calibrate.runner import Domain
+from moemerge.calibrate.runner import SUMMARY_FILE, Domain
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.data import Batch, DataOptions, TokenizedDomain, batches, load_domain
 from moemerge.diagnose.metrics import RoutingTally, kl_description
@@ -165,6 +165,8 @@ def _split_warnings(candidates: Mapping[str, str], data: DataOptions) -> list[st
     """Warn where a candidate was calibrated with another held-out split than the one evaluated here."""
     warnings = []
     for name, path in candidates.items():
+        if not (Path(path) / SUMMARY_FILE).is_file():
+            continue  # not a calibrated model: no calibration text to overlap with
         recorded = _calibration_split(path)
         if recorded is None:
             continue
