@@ -92,18 +92,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     from moemerge.calibrate.options import CalibrationOptions
     from moemerge.calibrate.runner import Domain, calibrate
 
-    files: dict[str, list[str]] = {}
-    for entry in args.data:
-        name, _, first = entry[0].partition("=")
-        if not first:
-            raise ValueError(f"--data {entry[0]}: expected SOURCE=FILE [FILE ...]")
-        files.setdefault(name, []).extend([first, *entry[1:]])
-    unknown = sorted(set(files) - set(args.source))
-    if unknown:
-        raise ValueError(f"--data names {unknown[0]}, which is not one of the --source models")
-    missing = [s for s in args.source if s not in files]
-    if missing:
-        raise ValueError(f"--source {missing[0]} has no --data {missing[0]}=FILES")
+    files = _source_files(args.source, args.data)
     options = CalibrationOptions(
         harc=model_values(args, "harc"), data=model_values(args, "data"), **model_values(args, "run")
     )

@@ -244,7 +244,12 @@ class Calibrator:
             for name in reader.names():
                 writer.add(name, self.solved[name] if name in self.solved else reader.read(name))
             writer.copy_support_files(self.merged)
-            report = {"merged": self.merged, "sources": [d.name for d in self.domains], "layers": self.summaries}
+            report = {
+                "merged": self.merged,
+                "sources": [d.name for d in self.domains],
+                "options": self.options.model_dump(mode="json"),
+                "layers": self.summaries,
+            }
             writer.write_text(SUMMARY_FILE, json.dumps(report, indent=1))
             writer.write_text(
                 "README.md",

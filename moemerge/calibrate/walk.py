@@ -111,10 +111,17 @@ class LayerWalker:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
 
         state = {name: self.reader.read(name) for name in names}
         config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(self.model), dtype=self.dtype)
-        convert_and_load_state_dict_in_model(self.model, state, config)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per layer would drown the run's own bar
+        try:
+            convert_and_load_state_dict_in_model(self.model, state, config)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
     def output_head_names(self) -> list[str]:
         """On-disk names of the output head's tensors (absent when tied to the embeddings)."""
