@@ -26,8 +26,9 @@ class RouterSolveOptions(BaseModel):
     Building ``kronecker`` costs about d / (2E) = 16 operator passes (one input Gram), so it needs the
     least total work: about 60 passes against ~270 (diagonal) and ~660 (none). ``block`` needs the
     fewest iterations but building its E exact d x d blocks costs about d / 2 = 1024 passes, more
-    than CG without it; it pays off only when the diagonal blocks are reused or for sigmoid routers
-    (exact in one iteration).
+    than CG without it. For sigmoid routers (E 64, d 1024) kronecker needs 10 iterations and ~16 build
+    passes against block's 1 iteration and ~500. At gamma = 1 only ``block`` converged (10 iterations;
+    the others stalled near 6e-4 after 1000), so use it there.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -37,6 +38,7 @@ class RouterSolveOptions(BaseModel):
         gt=0,
         description="Blend of each domain's curvature operator with its own diagonal: < 1 gives "
         "gamma*A + (1-gamma)*diag(A), > 1 gives A + (gamma-1)*diag(A), 1 is unregularised "
+        "(use --preconditioner block there) "
         "(singular; the solution then differs from the start point only outside the null space).",
     )
     init: Literal["merged", "zero", "average"] = Field(
@@ -67,11 +69,59 @@ class RouterSolveOptions(BaseModel):
     )
 
 
+class RegMeanOptions(BaseModel):
+    """Routing-aware RegMean of the experts, run in the calibration walk with ``experts: true``
+    (the ``regmean`` section of a recipe's ``calibrate``; docs/EXPERTS.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="RegMean's scale of the off-diagonal Gram entries: G_a = alpha G + (1 - alpha) diag(G).",
+    )
+    min_tokens: int = Field(
+        32,
+        ge=1,
+        description="An expert keeps its stage-1 weights unless some source routes at least this many "
+        "calibration tokens to it.",
+    )
+    variant: Literal["classic", "sequential"] = Field(
+        "classic",
+        description="classic: each source's Gram from its own forward; sequential: inputs from the model "
+        "being calibrated, targets from each source's own outputs (docs/EXPERTS.md compares them).",
+    )
+    routing_weight: bool = Field(
+        False, description="Weight each token of an expert's Gram by its squared routing weight (off: top-k membership)."
+    )
+    linear_layers: Literal["experts", "all"] = Field(
+        "experts",
+        description="experts: only routed experts; all: also attention, dense MLPs and shared experts (classic "
+        "RegMean with every token); embeddings, norms and lm_head keep stage 1's values.",
+    )
+    work_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="Dtype of the per-batch Gram products; the running sums are float64 either way."
+    )
+    sums_budget_bytes: int | None = Field(
+        8 * 2**30,
+        ge=1,
+        description="Bytes the running float64 sums of one layer may hold; more experts than fit are done in "
+        "groups, each group another (shortened) pass over the sources. None: no limit.",
+    )
+
+
 class CalibrationOptions(BaseModel):
     """How stage 2 runs (the `calibrate` section of a recipe; also `moemerge calibrate`'s flags)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    experts: bool = Field(
+        False,
+        description="Before each router, merge the layer's experts by routing-aware RegMean on each source's own "
+        "routing and data (options: regmean section / flags; docs/EXPERTS.md).",
+    )
+    regmean: RegMeanOptions = Field(default_factory=RegMeanOptions)
     harc: RouterSolveOptions = Field(default_factory=RouterSolveOptions)
     data: DataOptions = Field(default_factory=DataOptions)
     batch_tokens: int = Field(8192, ge=1, description="Tokens (padding included) per forward batch.")
@@ -80,3 +130,9 @@ class CalibrationOptions(BaseModel):
     )
     forward_dtype: Literal["float32", "float64"] = Field("float32", description="Dtype the layers run in.")
     device: str = Field("cpu", description="Device of the layer forward passes and the solver (cpu, cuda).")
+    max_memory: str | int | None = Field(
+        None,
+        description="Memory budget per rank, e.g. 64GB (host on cpu, the GPU with cuda) or host=200GB,device=80GB: "
+        "forward batch, activation storage dtype, preconditioner and (GPU) where hidden states live are planned "
+        "to fit it, or the run stops before any work (docs/SCALING.md). None: no limit.",
+    )
