@@ -8,15 +8,6 @@ from moemerge.calibrate.operator import DomainCurvature, HarcSystem, blend_coeff
 E, D, N = 5, 7, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _problem(seed: int, kind: str, bias: bool, n: int = N):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, D, generator=g, dtype=torch.float64)

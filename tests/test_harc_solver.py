@@ -13,15 +13,6 @@ from moemerge.calibrate.solve import RouterSolveOptions, solve_router
 E, D, K = 6, 9, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PRECONDITIONERS = ["none", "diagonal", "kronecker", "block"]
 INITS = ["merged", "zero", "average"]
 EXACT = dict(dtype="float64", tol=1e-11, max_iter=500)

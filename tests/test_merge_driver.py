@@ -16,15 +16,6 @@ from moemerge.merge.registry import get_method, method_names
 NOISE = 0.02
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add OpenMP barriers, which stall for milliseconds on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def noisy_copy(base: Path, out: Path, seed: int, edit=None) -> Path:
     """A 'fine-tune' of `base`: Gaussian noise on every float tensor; `edit(tensors)` may then break it."""
     gen = torch.Generator().manual_seed(seed)
@@ -301,3 +292,24 @@ def test_integer_tensors_are_copied_from_the_base(models, tmp_path):
     rc, out = run_merge(tmp_path, recipe_for({"base": base, **srcs}, "ties", {}, [{"density": 0.5}] * 2))
     assert rc == 0
     assert torch.equal(tensors(out)["model.extra_ids"], torch.arange(6))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without a GPU")
+def test_cuda_falls_back_to_cpu_without_a_gpu(models, tmp_path):
+    from moemerge.merge.driver import resolve_device
+
+    assert resolve_device("cuda") == "cpu"
+    assert (
+        run_merge(tmp_path, recipe_for(models, "linear", {}, [{"weight": 1.0}] * 2), extra=("--device", "cuda"))[0] == 0
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "wudi_exact"])
+def test_cuda_merge_matches_cpu(models, tmp_path, method):
+    recipe = recipe_for(models, method, *params_for(method))
+    cpu = tensors(run_merge(tmp_path, recipe, "cpu")[1])
+    rc, out = run_merge(tmp_path, recipe, "cuda", extra=("--device", "cuda"))
+    assert rc == 0
+    for name, t in tensors(out).items():  # random masks are drawn on the CPU, so DARE agrees too
+        torch.testing.assert_close(t, cpu[name], rtol=1e-4, atol=1e-5, msg=name)

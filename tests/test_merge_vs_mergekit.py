@@ -36,15 +36,6 @@ WEIGHTS = (0.6, 0.9)
 DENSITIES = (0.5, 0.7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add OpenMP barriers, which stall for milliseconds on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _noisy_copy(base: Path, out: Path, seed: int) -> Path:
     gen = torch.Generator().manual_seed(seed)
     with CheckpointReader(base) as reader, CheckpointWriter(out) as writer:
