@@ -1,0 +1,363 @@
+"""Every stage-1 method on the shipped specialists, each calibrated with HARC, all diagnosed; writes docs/RESULTS.md.
+
+    python examples/specialists/experiment.py [--family olmoe glm4_moe] [--methods ...] [--work DIR]
+
+Per family (a folder of checkpoints/ built by build.py):
+
+1. stage 1 with every method of `moemerge.merge.registry.method_names()` (parameters in METHOD_PARAMETERS);
+2. stage 2: HARC (gamma 0.9) on each stage-1 model, with the demo's calibration text;
+3. diagnose: the stage-1 models with oracle routers (the source's routers swapped in: the ceiling of
+   any router calibration), then base, specialists and the calibrated models, all on the same
+   held-out text (the demo's split: 32 of each domain's 64 shipped samples, never calibration text);
+4. sweeps on task_arithmetic: HARC gamma and calibration samples per domain.
+
+Every configuration tried goes into RESULTS.md with its numbers; a configuration that failed is listed
+with its error. RESULTS.md is generated: never edit it by hand, rerun this script. Raw numbers go to
+examples/specialists/results/<family>.json and the plots to examples/specialists/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+from demo import CALIBRATION, DOMAINS, recipe  # noqa: E402
+
+METHOD_PARAMETERS: dict[str, dict] = {
+    # per-source parameters (weight 1 each, i.e. task arithmetic with lambda 1; linear normalises the weights)
+    "linear": {},
+    "task_arithmetic": {},
+    "ties": {"density": 0.5},
+    "dare_linear": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "breadcrumbs": {"density": 0.9, "gamma": 0.01},
+    "breadcrumbs_ties": {"density": 0.9, "gamma": 0.01},
+    "della": {"density": 0.5, "epsilon": 0.15},
+    "della_linear": {"density": 0.5, "epsilon": 0.15},
+    "wudi": {},
+    "wudi_exact": {},
+}
+SWEEP_METHOD = "task_arithmetic"
+SWEEP_GAMMA = (0.5, 0.9, 1.0, 1.5)
+SWEEP_SAMPLES = (8, 16, 32)  # 32 is all a domain has once its 32 held-out samples are set aside
+
+
+def _options(samples: int = CALIBRATION, gamma: float = 0.9):
+    from moemerge.calibrate.options import CalibrationOptions
+
+    section = recipe("olmoe", "linear", harc={"gamma": gamma}, samples=samples)["calibrate"]
+    section.pop("domains")
+    return CalibrationOptions.model_validate(section)
+
+
+def _domains(family: str):
+    from moemerge.calibrate.runner import Domain
+
+    root = HERE / "checkpoints" / family
+    return [Domain(str(root / d), (str(HERE / "data" / f"{d}.jsonl"),)) for d in DOMAINS]
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.time()
+    result = fn(*args, **kwargs)
+    return result, time.time() - start
+
+
+def _evaluations(report, names: dict[str, str]) -> dict:
+    """{row name: {domain: {loss, agreement, kl}}} of a report's candidate and oracle rows."""
+    rows = {}
+    for model, role in report.rows():
+        rows[names.get(model, model)] = {
+            d: {
+                "loss": report.get(model, d, role).loss,
+                "agreement": report.get(model, d, role).mean_agreement,
+                "kl": report.get(model, d, role).mean_kl,
+            }
+            for d in DOMAINS
+        }
+    return rows
+
+
+def run_family(family: str, methods: list[str], work: Path, progress: bool) -> dict:
+    from moemerge.calibrate.runner import calibrate
+    from moemerge.diagnose.evaluate import diagnose
+    from moemerge.diagnose.options import DiagnoseOptions
+    from moemerge.diagnose.report import ORACLE_SUFFIX
+    from moemerge.merge.driver import merge_checkpoints
+
+    root = work / family
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    domains = _domains(family)
+    options = _options()
+    result: dict = {"family": family, "methods": {}, "failures": [], "times": {}, "sweep": {}}
+    stage1, harc = {}, {}
+    for method in methods:
+        entry: dict = {"parameters": METHOD_PARAMETERS.get(method, {})}
+        result["methods"][method] = entry
+        try:
+            path = root / f"{method}.yaml"
+            path.write_text(yaml.safe_dump(recipe(family, method, METHOD_PARAMETERS.get(method))))
+            out, entry["merge_seconds"] = _timed(merge_checkpoints, path, root / method / "stage1", progress=progress)
+            stage1[method] = str(out)
+            out, entry["calibrate_seconds"] = _timed(
+                calibrate, str(out), domains, root / method / "harc", options, progress=progress
+            )
+            harc[method] = str(out)
+            summary = json.loads((out / "moemerge_calibration.json").read_text())
+            entry["calibration"] = summary
+        except Exception as err:  # every failure is reported, with its error
+            result["failures"].append({"configuration": f"{method} (stage 1 or HARC)", "error": repr(err)})
+            traceback.print_exc()
+        print(f"{family} {method}: {entry}" if "calibration" not in entry else f"{family} {method}: done")
+
+    reference = stage1.get(SWEEP_METHOD, next(iter(stage1.values())))
+    diag = DiagnoseOptions(data=options.data, batch_tokens=options.batch_tokens, stage1=reference, oracle_routers=True)
+    report, result["times"]["diagnose stage 1 + oracle"] = _timed(
+        diagnose, stage1, domains, root / "report-stage1", diag, progress=progress
+    )
+    names = {m + ORACLE_SUFFIX: f"{m} + oracle routers" for m in stage1}
+    result["rows"] = _evaluations(report, names)
+    result["sources"] = {d: {"loss": report.source(d).loss} for d in DOMAINS}
+    result["heldout_tokens"] = {d.name: d.heldout_tokens for d in report.domains}
+    result["calibration_tokens"] = {d.name: d.calibration_tokens for d in report.domains}
+    _copy_plots(root / "report-stage1", family, "stage1")
+
+    models = {"base": str(HERE / "checkpoints" / family / "base")}
+    models.update({f"specialist {d}": str(HERE / "checkpoints" / family / d) for d in DOMAINS})
+    models.update({f"{m} + HARC": p for m, p in harc.items()})
+    diag = DiagnoseOptions(data=options.data, batch_tokens=options.batch_tokens, stage1=models["base"])
+    report, result["times"]["diagnose base, specialists, HARC"] = _timed(
+        diagnose, models, domains, root / "report-harc", diag, progress=progress
+    )
+    result["rows"].update(_evaluations(report, {}))
+    _copy_plots(root / "report-harc", family, "harc")
+
+    if SWEEP_METHOD in stage1:
+        sweep = {}
+        for gamma in SWEEP_GAMMA:
+            for samples in SWEEP_SAMPLES if gamma == 0.9 else (CALIBRATION,):
+                name = f"gamma {gamma}, {samples} samples"
+                if gamma == 0.9 and samples == CALIBRATION:
+                    sweep[name] = harc.get(SWEEP_METHOD)
+                    continue
+                try:
+                    out, seconds = _timed(
+                        calibrate,
+                        stage1[SWEEP_METHOD],
+                        domains,
+                        root / "sweep" / name.replace(", ", "-").replace(" ", ""),
+                        _options(samples, gamma),
+                        progress=progress,
+                    )
+                    sweep[name] = str(out)
+                    result["sweep"][name] = {"calibrate_seconds": seconds}
+                except Exception as err:
+                    result["failures"].append({"configuration": f"sweep {name}", "error": repr(err)})
+        sweep = {k: v for k, v in sweep.items() if v}
+        diag = DiagnoseOptions(data=options.data, batch_tokens=options.batch_tokens)
+        report, result["times"]["diagnose sweep"] = _timed(
+            diagnose, sweep, domains, root / "report-sweep", diag, progress=progress
+        )
+        for name, rows in _evaluations(report, {}).items():
+            result["sweep"].setdefault(name, {})["rows"] = rows
+    return result
+
+
+def _copy_plots(report_dir: Path, family: str, tag: str) -> None:
+    target = HERE / "results" / family
+    target.mkdir(parents=True, exist_ok=True)
+    for png in sorted(report_dir.glob("*.png")):
+        if "agreement" in png.name or "loss" in png.name:
+            shutil.copy(png, target / f"{tag}-{png.name}")
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _fractions(result: dict, method: str) -> tuple[float | None, float | None]:
+    """Mean over domains of HARC's share of the oracle gain and of the stage-1-to-specialist gap."""
+    rows = result["rows"]
+    if f"{method} + HARC" not in rows or method not in rows:
+        return None, None
+    oracle, gap = [], []
+    for d in DOMAINS:
+        l1, lh = rows[method][d]["loss"], rows[f"{method} + HARC"][d]["loss"]
+        lo, ls = rows[f"{method} + oracle routers"][d]["loss"], result["sources"][d]["loss"]
+        oracle.append((l1 - lh) / (l1 - lo) if abs(l1 - lo) > 1e-6 else float("nan"))
+        gap.append((l1 - lh) / (l1 - ls) if abs(l1 - ls) > 1e-6 else float("nan"))
+    return _mean(oracle), _mean(gap)
+
+
+def _row(name: str, cells: list[str]) -> str:
+    return "| " + " | ".join([name, *cells]) + " |"
+
+
+def family_markdown(result: dict) -> list[str]:
+    family, rows = result["family"], result["rows"]
+    methods = [m for m in result["methods"] if m in rows]
+    header = "| model | " + " | ".join(DOMAINS) + " | mean |\n|---|" + "---:|" * (len(DOMAINS) + 1)
+    lines = [f"## {family}", ""]
+    lines += [
+        f"Held-out tokens per domain: {result['heldout_tokens']}; calibration tokens per domain: "
+        f"{result['calibration_tokens']}.",
+        "",
+        "### Held-out loss (nats per token; lower is better)",
+        "",
+        header,
+    ]
+    order = ["base"] + [f"specialist {d}" for d in DOMAINS]
+    for m in methods:
+        order += [m, f"{m} + HARC", f"{m} + oracle routers"]
+    for name in order:
+        if name in rows:
+            losses = [rows[name][d]["loss"] for d in DOMAINS]
+            lines.append(_row(name, [f"{v:.4f}" for v in losses] + [f"{_mean(losses):.4f}"]))
+    own = [result["sources"][d]["loss"] for d in DOMAINS]
+    lines.append(_row("each specialist on its own domain", [f"{v:.4f}" for v in own] + [f"{_mean(own):.4f}"]))
+    lines += [
+        "",
+        "### Top-1 routing agreement with the domain's specialist (held-out tokens, mean over MoE layers)",
+        "",
+        header,
+    ]
+    for name in order:
+        if name in rows and not name.startswith("specialist"):
+            values = [rows[name][d]["agreement"] for d in DOMAINS]
+            lines.append(_row(name, [f"{v:.3f}" for v in values] + [f"{_mean(values):.3f}"]))
+    lines += [
+        "",
+        "### What HARC recovers, and what each stage costs",
+        "",
+        "oracle gain recovered = (L_stage1 - L_HARC) / (L_stage1 - L_oracle); specialist gap recovered = "
+        "(L_stage1 - L_HARC) / (L_stage1 - L_specialist); both per domain, then averaged.",
+        "",
+        "| method | mean loss stage 1 | + HARC | oracle | oracle gain recovered | specialist gap recovered "
+        "| merge s | HARC s | CG iterations (max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in methods:
+        entry = result["methods"][m]
+        oracle, gap = _fractions(result, m)
+        mean = {
+            k: _mean(rows[k][d]["loss"] for d in DOMAINS)
+            for k in (m, f"{m} + HARC", f"{m} + oracle routers")
+            if k in rows
+        }
+        layers = entry.get("calibration", {}).get("layers", [])
+        iterations = (
+            max((layer.get("iterations", 0) for layer in layers), default=0) if isinstance(layers, list) else "?"
+        )
+        lines.append(
+            _row(
+                m,
+                [
+                    f"{mean.get(m, float('nan')):.4f}",
+                    f"{mean.get(m + ' + HARC', float('nan')):.4f}",
+                    f"{mean.get(m + ' + oracle routers', float('nan')):.4f}",
+                    "n/a" if oracle is None else f"{oracle:.3f}",
+                    "n/a" if gap is None else f"{gap:.3f}",
+                    f"{entry.get('merge_seconds', float('nan')):.1f}",
+                    f"{entry.get('calibrate_seconds', float('nan')):.1f}",
+                    str(iterations),
+                ],
+            )
+        )
+    lines += ["", "Diagnose time: " + "; ".join(f"{k} {v:.0f} s" for k, v in result["times"].items()), ""]
+    if result["sweep"]:
+        lines += [
+            f"### Sweep on {SWEEP_METHOD}: HARC gamma and calibration samples per domain",
+            "",
+            "| configuration | "
+            + " | ".join(f"{d} loss" for d in DOMAINS)
+            + " | mean loss | mean agreement | HARC s |",
+            "|---|" + "---:|" * (len(DOMAINS) + 3),
+        ]
+        for name, entry in result["sweep"].items():
+            if "rows" not in entry:
+                continue
+            r = entry["rows"]
+            losses = [r[d]["loss"] for d in DOMAINS]
+            agreement = _mean(r[d]["agreement"] for d in DOMAINS)
+            seconds = entry.get("calibrate_seconds")
+            lines.append(
+                _row(
+                    name,
+                    [f"{v:.4f}" for v in losses]
+                    + [f"{_mean(losses):.4f}", f"{agreement:.3f}", "main run" if seconds is None else f"{seconds:.1f}"],
+                )
+            )
+        lines.append("")
+    lines += ["### Failures", ""]
+    lines += [f"- {f['configuration']}: `{f['error']}`" for f in result["failures"]] or ["- none"]
+    lines += ["", "### Plots", ""]
+    for png in sorted((HERE / "results" / family).glob("*.png")):
+        lines.append(f"![{family} {png.stem}](../{png.relative_to(REPO)})")
+    return lines + [""]
+
+
+def write_results(results: list[dict], command: str, seconds: float) -> Path:
+    lines = [
+        "# Results: merging real specialists, routing breakdown and its repair",
+        "",
+        "<!-- generated by examples/specialists/experiment.py; do not edit by hand -->",
+        "",
+        f"Command: `{command}` ({seconds / 60:.1f} min on this machine). Specialists, data and split: "
+        "examples/specialists/DATA.md. Held-out text: 32 samples per domain (seed 0), never calibration "
+        f"text; HARC calibration: the first {CALIBRATION} of the other 32 samples per domain, gamma 0.9, "
+        "kronecker preconditioner. Oracle routers: the stage-1 model with the domain's specialist's routers "
+        "swapped in, the best any router calibration can reach. Method parameters: "
+        + "; ".join(f"{m} {p or 'defaults'}" for m, p in METHOD_PARAMETERS.items())
+        + " (weight 1.0 per source).",
+        "",
+    ]
+    for result in results:
+        lines += family_markdown(result)
+    path = REPO / "docs" / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moemerge.merge.registry import method_names
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", nargs="+", default=["olmoe", "glm4_moe"])
+    parser.add_argument("--methods", nargs="+", default=list(method_names()))
+    parser.add_argument("--work", type=Path, default=Path("out/specialists-experiment"))
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.time()
+    results = []
+    for family in args.family:
+        if not (HERE / "checkpoints" / family).is_dir():
+            print(f"{family}: no checkpoints, skipped")
+            continue
+        result = run_family(family, args.methods, args.work, not args.quiet)
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / f"{family}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        results.append(result)
+        command = "python examples/specialists/experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(f"wrote {write_results(results, command.strip(), time.time() - start)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
