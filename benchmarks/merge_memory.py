@@ -88,6 +88,8 @@ def run_one(tool: str, recipe_path: Path, out: Path, shard_bytes: int) -> None:
     """Child process: import, note RSS, merge, print wall time and peak RSS (VmHWM) as JSON."""
     import shutil
 
+    import torch  # noqa: F401  (moemerge imports these lazily: load them before the baseline)
+    import transformers  # noqa: F401
     import yaml
 
     if tool == "moemerge":

@@ -88,12 +88,7 @@ class MergePlan:
     copy_from: Mapping[str, str]
     linear_weights: frozenset[str]
     params: Mapping[str, tuple[Params, list[Params]]]
-    largest_tensor_bytes: int
     readers: dict[str, CheckpointReader] = field(repr=False)
-
-    @property
-    def models(self) -> list[str]:
-        return ([self.base] if self.base else []) + list(self.sources)
 
 
 def parse_size(text: str | int) -> int:
@@ -271,7 +266,6 @@ def plan_merge(recipe: Recipe) -> MergePlan:
         copy_from=_router_copies(recipe, reference, names),
         linear_weights=linear,
         params=params,
-        largest_tensor_bytes=max(ref.info(n).nbytes for n in names),
         readers=readers,
     )
 
