@@ -358,11 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=["esft", "full"], default="esft")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--work", type=Path, default=HERE / ".work")
-    parser.add_argument("--pretrain-steps", type=int, default=200)
+    parser.add_argument("--pretrain-steps", type=int, default=500)
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
-    parser.add_argument("--finetune-steps", type=int, default=60)
+    parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 was 4x faster than 2 on a busy 2-core CPU)"
+    )
     args = parser.parse_args(argv)
 
     import torch

@@ -35,7 +35,7 @@ def recipe(
     """The `moemerge run` recipe of one stage-1 method on the shipped specialists of `family`."""
     root = HERE / "checkpoints" / family
     sources = [str(root / d) for d in DOMAINS]
-    weights = {"linear": {"weight": 1.0}}.get(method, {"weight": 1.0})
+    weights = {} if method.startswith("wudi") else {"weight": 1.0}  # WUDI has no per-source parameters
     return {
         "merge_method": method,
         "base_model": str(root / "base"),
