@@ -21,9 +21,10 @@ Steps (all seeded, CPU, transformers' own classes):
      the routing).
 
 Outputs `<out>/checkpoints/<family>/{base,code,prose,math}` (safetensors, bf16, tokenizer included).
-Rebuilding gives the same checkpoints up to float non-determinism of CPU kernels (thread count,
-library version) and the Python version's standard library (the code domain); held-out losses of a
-rebuild agree with the shipped ones to about 0.05 nats. Time on a 2-core CPU: see DATA.md.
+Rebuilding gives the same data files, tokenizer and training batches (all seeded); the weights
+match up to CPU float non-determinism (thread count, library versions) and the Python version's
+standard library (the code domain). A rebuild has not been compared with the shipped checkpoints
+yet, so no tolerance is claimed. Time on a busy 2-core CPU: see DATA.md (about 10 min per family).
 """
 
 from __future__ import annotations
