@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="task_arithmetic", help="Stage-1 method (moemerge's registry).")
     parser.add_argument("-o", "--out", type=Path, default=Path("out/specialists-demo"))
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: more threads cost more)")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from moemerge.diagnose.report import headline_note, headline_table, load_report
     from moemerge.pipeline import run_recipe
