@@ -14,6 +14,7 @@ with oracle routers (the same as the stage-1 oracle row: HARC changes only route
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     path = args.out.parent / f"{args.out.name}.recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(args.family, args.method), sort_keys=False))
+    # moemerge resumes from OUT.work when its fingerprint (paths, options, text) matches, even if the checkpoints
+    # behind those paths were rebuilt since: the demo always starts fresh
+    shutil.rmtree(args.out.parent / f"{args.out.name}.work", ignore_errors=True)
     model = run_recipe(path, args.out, overwrite=True, progress=not args.quiet)
     report = load_report(model / "report")
     print(
