@@ -21,10 +21,10 @@ Steps (all seeded, CPU, transformers' own classes):
      the routing).
 
 Outputs `<out>/checkpoints/<family>/{base,code,prose,math}` (safetensors, bf16, tokenizer included).
-Rebuilding gives the same data files, tokenizer and training batches (all seeded); the weights
-match up to CPU float non-determinism (thread count, library versions) and the Python version's
-standard library (the code domain). A rebuild has not been compared with the shipped checkpoints
-yet, so no tolerance is claimed. Time on a busy 2-core CPU: see DATA.md (about 10 min per family).
+Rebuilding on the same machine and library versions (one thread) gives bit-identical data, tokenizer
+and weights (checked for OLMoE, see DATA.md); other thread counts, CPUs or library versions may round
+differently, and the code domain depends on the Python version's standard library. Time on a busy
+2-core CPU: 3.5-10 min per family (see DATA.md).
 """
 
 from __future__ import annotations
