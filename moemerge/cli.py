@@ -94,7 +94,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
     files = _source_files(args.source, args.data)
     options = CalibrationOptions(
-        harc=model_values(args, "harc"), data=model_values(args, "data"), **model_values(args, "run")
+        harc=model_values(args, "harc"),
+        data=model_values(args, "data"),
+        regmean=model_values(args, "regmean"),
+        **model_values(args, "run"),
     )
     domains = [Domain(source, tuple(files[source])) for source in args.source]
     out = calibrate(args.merged, domains, args.out, options, work_dir=args.work_dir, overwrite=args.overwrite)
@@ -162,10 +165,11 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 
 
 def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
-    from moemerge.calibrate.options import CalibrationOptions, RouterSolveOptions
+    from moemerge.calibrate.options import CalibrationOptions, RegMeanOptions, RouterSolveOptions
     from moemerge.data import DataOptions
 
     add_model_flags(parser, RouterSolveOptions, "harc")
+    add_model_flags(parser, RegMeanOptions, "regmean")
     add_model_flags(parser, DataOptions, "data")
     add_model_flags(parser, CalibrationOptions, "run")
 

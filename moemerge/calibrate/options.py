@@ -88,12 +88,14 @@ class RegMeanOptions(BaseModel):
         "calibration tokens to it.",
     )
     variant: Literal["classic", "sequential"] = Field(
-        "classic",
-        description="classic: each source's Gram from its own forward; sequential: inputs from the model "
-        "being calibrated, targets from each source's own outputs (docs/EXPERTS.md compares them).",
+        "sequential",
+        description="sequential: inputs from the model being calibrated, targets from each source's own outputs "
+        "(lower mean KL to the sources in docs/EXPERTS.md; two passes per source and layer); classic: each "
+        "source's Gram from its own forward (one pass).",
     )
     routing_weight: bool = Field(
-        False, description="Weight each token of an expert's Gram by its squared routing weight (off: top-k membership)."
+        False,
+        description="Weight each token of an expert's Gram by its squared routing weight (off: top-k membership).",
     )
     linear_layers: Literal["experts", "all"] = Field(
         "experts",

@@ -1,0 +1,776 @@
+"""Routing-aware RegMean for MoE experts (and, optionally, every linear layer), inside the calibration walk.
+
+RegMean (Jin et al., ICLR 2023) merges a linear map y = W x of K sources in closed form::
+
+    W = (sum_i W_i G_i^a) (sum_i G_i^a)^-1,    G_i = X_i^T X_i,    G_i^a = a G_i + (1 - a) diag(G_i)
+
+with X_i (n_i x in) source i's inputs to the map on its own data. It is the minimiser of
+``sum_i a ||X_i (W - W_i)^T||^2 + (1 - a) ||(W - W_i) diag(G_i)^1/2||^2``: outputs matched on the
+data, plus a pull towards each W_i that keeps directions the data does not reach near the sources.
+
+Routing-aware, for the experts of an MoE layer: source i's Gram of expert e counts only the tokens
+source i itself routes to e (top-k membership), in its own forward pass on its own domain's text.
+gate and up read the expert's input x; down reads the hidden activation ``act(gate x) * up x``
+computed with source i's own expert weights (through the experts module's own ``_apply_gate``, so
+GPT-OSS's clamped swiglu is exact). Biases (GPT-OSS) are solved jointly: x gets a constant 1 column.
+
+Variants (``RegMeanOptions.variant``; ``sequential`` is the default, measured in docs/EXPERTS.md):
+
+- ``classic``: X_i from source i's own forward, as above.
+- ``sequential``: inputs from the model being calibrated (earlier layers already calibrated; for the
+  down projection, this layer's calibrated gate/up), targets from each source's own outputs, on the
+  tokens source i routes to e: ``min sum_i a ||X_m,i W^T - T_i||^2 + (1 - a) ||(W - W_i) D_m,i^1/2||^2``
+  with T_i the source expert's outputs, so ``W (a G_m + (1 - a) diag G_m) = sum_i a T_i^T X_m,i + (1 - a)
+  W_i D_m,i``. It is classic when the two models see equal inputs.
+
+Every source is folded into two running float64 sums per map as it streams (``RegMeanSums``), so the
+memory of the sums does not grow with K; per-batch products run in ``work_dtype``. An expert that no
+source routes at least ``min_tokens`` tokens to keeps its stage-1 weights. docs/EXPERTS.md has the
+decisions (routing weights, rank-deficient fallback, memory, costs) and measurements.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from moemerge.architectures.layout import ArchitectureError, load_layout
+from moemerge.calibrate.options import RegMeanOptions
+from moemerge.calibrate.walk import LayerWalker
+
+if TYPE_CHECKING:
+    from moemerge.calibrate.runner import Calibrator
+    from moemerge.data import Batch
+
+logger = logging.getLogger(__name__)
+
+RCOND = 1e-12
+"""A blended Gram whose smallest Cholesky pivot is below RCOND x its largest diagonal entry is rank deficient."""
+
+RIDGE = 1e-6
+"""Fallback ridge, relative to the largest diagonal entry, that pulls rank-deficient maps to stage 1."""
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+_CONFIG_KEYS_IGNORED = {
+    "_name_or_path",
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_experts_implementation",
+    "_attn_implementation_autoset",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The math: running sums and the closed-form solve
+# --------------------------------------------------------------------------------------------
+
+
+def augment(x: Tensor, bias: bool) -> Tensor:
+    """x with a constant 1 column appended when the map has a bias ([W, b] [x; 1] = W x + b)."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if bias else x
+
+
+@dataclass
+class RegMeanSums:
+    """Running sums of a group of same-shaped linear maps (the E experts of a layer, or one linear).
+
+    ``rhs[j] = sum_i [a T_i^T X_i + (1 - a) W_i diag(X_i^T X_i)]`` and ``gram[j] = sum_i X_i^T X_i``, float64;
+    the Gram is blended with its diagonal at solve time (the blend is linear, so blending the sum equals
+    summing the blends). Classic RegMean has T_i = X_i W_i^T, so rhs = sum_i W_i G_i^a.
+    """
+
+    rhs: Tensor
+    gram: Tensor
+    alpha: float
+
+    @classmethod
+    def zeros(cls, maps: int, out_dim: int, in_dim: int, alpha: float, device: torch.device | str) -> RegMeanSums:
+        return cls(
+            torch.zeros(maps, out_dim, in_dim, dtype=torch.float64, device=device),
+            torch.zeros(maps, in_dim, in_dim, dtype=torch.float64, device=device),
+            alpha,
+        )
+
+    @staticmethod
+    def bytes_per_map(out_dim: int, in_dim: int) -> int:
+        return 8 * (out_dim * in_dim + in_dim * in_dim)
+
+    def fold(self, j: int, x: Tensor, target: Tensor, weight: Tensor) -> None:
+        """Add one batch of one source to map j: inputs x (n x in), the source's outputs (n x out), its W_i."""
+        self.gram[j].add_(x.T @ x)  # float32 (work dtype) product, summed in float64
+        self.rhs[j].add_(target.T @ x, alpha=self.alpha)
+        if self.alpha != 1.0:
+            self.rhs[j].add_(weight * x.square().sum(0), alpha=1.0 - self.alpha)
+
+    def reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum over ranks (torch.distributed): each rank folded its share of the batches."""
+        self.rhs = reduce(self.rhs)
+        self.gram = reduce(self.gram)
+
+    def solve(self, fallback: Tensor) -> tuple[Tensor, Tensor]:
+        return regmean_solve(self.rhs, self.gram, self.alpha, fallback)
+
+
+def regmean_solve(rhs: Tensor, gram: Tensor, alpha: float, fallback: Tensor) -> tuple[Tensor, Tensor]:
+    """W = rhs (a gram + (1 - a) diag(gram))^-1 for each map, float64, by Cholesky (one map at a time,
+    so the solve needs a few in x in matrices beyond the sums).
+
+    A rank-deficient blended Gram (alpha = 1 with fewer tokens than inputs, or an input no token
+    excites) is solved with a ridge towards ``fallback`` (the stage-1 weight):
+    ``W (G + l I) = rhs + l W_stage1`` with ``l = RIDGE * max diag G``, so directions the data pins
+    down keep their solution and directions it does not reach keep stage 1. Returns (W, mask of
+    maps that needed the fallback).
+    """
+    weight = torch.empty_like(rhs)
+    fell_back = torch.zeros(rhs.shape[0], dtype=torch.bool)
+    for j in range(rhs.shape[0]):
+        blended = alpha * gram[j]
+        blended.diagonal().copy_(gram[j].diagonal())  # a G + (1 - a) diag(G): the diagonal stays whole
+        scale = float(blended.diagonal().amax()) if blended.numel() else 0.0
+        factor, info = torch.linalg.cholesky_ex(blended)
+        pivot = float(factor.diagonal().square().amin()) if int(info) == 0 else 0.0
+        if int(info) == 0 and pivot > RCOND * scale and math.isfinite(pivot):
+            weight[j] = torch.cholesky_solve(rhs[j].T, factor).T
+            continue
+        fell_back[j] = True
+        ridge = RIDGE * scale
+        if not ridge > 0:
+            weight[j] = fallback[j].double()
+            continue
+        blended.diagonal().add_(ridge)
+        factor = torch.linalg.cholesky(blended)
+        weight[j] = torch.cholesky_solve((rhs[j] + ridge * fallback[j].double().to(rhs.device)).T, factor).T
+    return weight, fell_back
+
+
+# --------------------------------------------------------------------------------------------
+# The experts module of one layer, in the canonical (out x in) layout
+# --------------------------------------------------------------------------------------------
+
+
+def experts_module(layer: torch.nn.Module, where: str) -> tuple[str, torch.nn.Module]:
+    """The fused experts module of a decoder layer (transformers' ``use_experts_implementation`` class)."""
+    found = [(n, m) for n, m in layer.named_modules() if hasattr(m, "is_transposed") and "down_proj" in m._parameters]
+    if len(found) != 1:
+        raise ArchitectureError(f"{where}: expected one fused experts module, found {[n for n, _ in found]}")
+    name, module = found[0]
+    if not getattr(module, "has_gate", False) or getattr(module, "has_post_expert_norm", False):
+        raise ArchitectureError(
+            f"{where}.{name} ({type(module).__name__}): RegMean implements gated experts (gate_up_proj, "
+            "down_proj, _apply_gate) without a post-expert norm; this one has has_gate="
+            f"{getattr(module, 'has_gate', None)}, has_post_expert_norm={getattr(module, 'has_post_expert_norm', None)}"
+        )
+    return name, module
+
+
+class FusedExperts:
+    """Read and write one fused experts module as per-expert [W | b] matrices (out x in(+1)).
+
+    transformers 5 stores experts as ``gate_up_proj`` (E x 2I x d, or E x d x 2I when
+    ``is_transposed``; gate and up concatenated or interleaved, which only ``_apply_gate`` needs to
+    know) and ``down_proj`` (E x d x I, or E x I x d), with ``*_bias`` when ``has_bias``.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.transposed = bool(module.is_transposed)
+        self.bias = bool(module.has_bias)
+
+    def _matrix(self, name: str) -> Tensor:
+        weight = self.module._parameters[name]
+        weight = weight.mT if self.transposed else weight
+        if self.bias:
+            weight = torch.cat([weight, self.module._parameters[f"{name}_bias"].unsqueeze(-1)], dim=-1)
+        return weight
+
+    def gate_up(self) -> Tensor:
+        """E x 2I x (d + bias)."""
+        return self._matrix("gate_up_proj")
+
+    def down(self) -> Tensor:
+        """E x d x (I + bias)."""
+        return self._matrix("down_proj")
+
+    def set(self, name: str, expert: int, matrix: Tensor) -> None:
+        """Write expert `expert`'s [W | b] of `name` (gate_up_proj or down_proj) into the module."""
+        with torch.no_grad():
+            weight = self.module._parameters[name]
+            w = matrix[:, : matrix.shape[1] - int(self.bias)]
+            weight[expert] = (w.T if self.transposed else w).to(weight.dtype)
+            if self.bias:
+                bias = self.module._parameters[f"{name}_bias"]
+                bias[expert] = matrix[:, -1].to(bias.dtype)
+
+    def activation(self, gate_up_out: Tensor) -> Tensor:
+        """The hidden activation from the gate/up output, by the module's own gating (exact per family)."""
+        return self.module._apply_gate(gate_up_out)
+
+    def weights(self, dtype: torch.dtype) -> ExpertWeights:
+        return ExpertWeights(
+            self.gate_up().detach().to(dtype), self.down().detach().to(dtype), self.bias, self.activation
+        )
+
+    def parameter_names(self) -> list[str]:
+        names = ["gate_up_proj", "down_proj"]
+        return names + [f"{n}_bias" for n in names] if self.bias else names
+
+
+def _expert_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden_states, top_k_index, top_k_weights) of an experts call, whatever the argument names."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    values = list(bound.arguments.values())
+    if len(values) < 3:
+        raise TypeError(f"{type(module).__name__} called with {len(values)} arguments, expected 3")
+    return values[0], values[1], values[2]
+
+
+def routed_rows(index: Tensor, weights: Tensor, expert: int) -> tuple[Tensor, Tensor]:
+    """Rows (tokens) routed to `expert` and each one's routing weight (summed over its top-k slots)."""
+    hit = index == expert
+    rows = hit.any(dim=1).nonzero().flatten()
+    return rows, (weights * hit).sum(dim=1)[rows]
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One layer's experts as [W | b] matrices in the work dtype, with their gating function."""
+
+    gate_up: Tensor  # E x 2I x (d + bias)
+    down: Tensor  # E x d x (I + bias)
+    bias: bool
+    activation: Callable[[Tensor], Tensor]
+
+
+def fold_expert_batch(
+    experts: Sequence[int],
+    x: Tensor,
+    index: Tensor,
+    weights: Tensor,
+    source: ExpertWeights,
+    gate_up: RegMeanSums | None,
+    down: RegMeanSums | None,
+    tokens: Tensor | None,
+    *,
+    merged_x: Tensor | None = None,
+    merged: ExpertWeights | None = None,
+    routing_weight: bool = False,
+) -> None:
+    """Fold one batch of one source into the sums of `experts` (sums row j is experts[j]).
+
+    x (n x d), index and weights (n x k) are the source's own expert inputs and routing for n real
+    tokens. gate/up's targets are the source's gate/up outputs; down's are the source expert's outputs,
+    its input the source's hidden activation (classic) or, with ``merged`` (sequential), the
+    activation of the model being calibrated on ``merged_x``, its own expert inputs for the same tokens.
+    ``tokens[e]`` counts the tokens routed to e.
+    """
+    bias = source.bias
+    xm = merged_x if merged_x is not None else x
+    for j, e in enumerate(experts):
+        rows, r = routed_rows(index, weights, e)
+        if rows.numel() == 0:
+            continue
+        scale = r[:, None] if routing_weight else 1.0
+        gu_out = augment(x[rows], bias) @ source.gate_up[e].T  # the source's gate/up outputs
+        if tokens is not None:
+            tokens[e] += rows.numel()
+        if gate_up is not None:
+            gate_up.fold(j, augment(xm[rows], bias) * scale, gu_out * scale, source.gate_up[e])
+        if down is None:
+            continue
+        h_source = augment(source.activation(gu_out), bias)
+        out = h_source @ source.down[e].T  # the source expert's output
+        if merged is None:
+            h_in = h_source
+        else:  # sequential: the calibrated model's own hidden activation
+            h_in = augment(merged.activation(augment(xm[rows], bias) @ merged.gate_up[e].T), bias)
+        down.fold(j, h_in * scale, out * scale, source.down[e])
+
+
+# --------------------------------------------------------------------------------------------
+# The walk: sources alongside the merged model
+# --------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a layer forward once the statistics it needs are taken."""
+
+
+def _own(module: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    """Give `module` a private copy of parameter `name` before writing into it.
+
+    A materialised parameter can share memory with the checkpoint reader's memory-mapped tensor (same
+    dtype, no conversion), so writing into it in place would change what the reader returns later.
+    """
+    param = torch.nn.Parameter(module._parameters[name].detach().clone(), requires_grad=False)
+    module._parameters[name] = param
+    return param
+
+
+def _check_config(source: str, config: Any, merged: Any) -> None:
+    ours, theirs = config.to_dict(), merged.to_dict()
+    for key in sorted(set(ours) | set(theirs)):
+        if key not in _CONFIG_KEYS_IGNORED and ours.get(key) != theirs.get(key):
+            raise ValueError(
+                f"{source}/config.json: {key} = {ours.get(key)!r} differs from the merged model's "
+                f"{theirs.get(key)!r}; the sources' layers are run with the merged model's layer inputs"
+            )
+
+
+class SourceWalk:
+    """One source model run layer by layer on its own domain's calibration batches.
+
+    Its decoder layers are materialised one at a time like the merged model's; the embeddings are
+    used once for the layer-0 hidden states and then released. What each layer receives besides
+    the hidden states (positions, masks) is taken from the merged model's walk (same config, same
+    batches: checked).
+    """
+
+    def __init__(self, path: str, calibrator: Calibrator, batches: list[Batch]):
+        layout = load_layout(path)
+        _check_config(path, layout.config, calibrator.layout.config)
+        self.name = path
+        self.walker = LayerWalker(path, layout, dtype=calibrator.dtype, device=str(calibrator.walker.device))
+        self.batches = batches
+        store = getattr(calibrator, "hidden_device", torch.device("cpu"))
+        self.hidden = [
+            self.walker.layer_inputs(b.input_ids, b.attention_mask)[0][0].to(store, calibrator.storage) for b in batches
+        ]
+        keep = {id(p) for p in self.walker.layers.parameters()}
+        for module in self.walker.model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) not in keep and not param.is_meta:
+                    module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+
+@dataclass
+class _Task:
+    """One pass over every domain: which experts, which projection, and whether it is the last."""
+
+    experts: list[int]
+    phase: str  # "both" (classic), "gate_up" or "down" (sequential)
+    last: bool
+
+
+class RegMeanCalibration:
+    """Routing-aware RegMean of every MoE layer's experts (and with ``linear_layers: all`` every linear).
+
+    Driven by the :class:`~moemerge.calibrate.runner.Calibrator`: ``run_layer(l, merged_layer)`` is
+    called for every decoder layer before the router of that layer is solved; it advances every
+    source by one layer and, for a layer with something to calibrate, solves, installs (cast to the
+    checkpoint's dtype, as it will be saved) and saves the layer's new tensors to the work folder
+    (``layer_NNNN.regmean.safetensors`` in the in-memory layout, ``.json`` summary). A finished layer
+    is replayed from there. ``read(name)`` gives the output's replaced on-disk tensors, converted
+    back with transformers' own save-time conversion.
+    """
+
+    def __init__(self, calibrator: Calibrator):
+        self.calibrator = calibrator
+        self.options: RegMeanOptions = calibrator.options.regmean
+        self.walker = calibrator.walker
+        self.layout = calibrator.layout
+        self.work_dir = Path(calibrator.work_dir)
+        self.work_dtype = getattr(torch, self.options.work_dtype)
+        self.moe = {info.index: info for info in self.layout.moe_layers}
+        ranks = getattr(calibrator, "ranks", None)
+        self._reduce: Callable[[Tensor], Tensor] = ranks.reduce if ranks is not None else (lambda t: t)
+        self._is_writer = ranks.is_writer if ranks is not None else True
+        self._on_writer: Callable[[Callable], Any] = ranks.on_writer if ranks is not None else (lambda work: work())
+        self.sources = [SourceWalk(state.name, calibrator, state.batches) for state in calibrator.domains]
+        self.replaced: dict[str, int] = {}  # on-disk name -> layer whose work file holds it
+        self.summaries: dict[int, dict] = {}
+        self.on_sums: Callable[[int, dict[str, Any]], None] | None = None
+        """Test hook: (layer, {"phase": gate_up_proj or down_proj, "experts", "sums", "tokens"}) before a solve."""
+        self._cache: tuple[int, dict[str, Tensor]] | None = None
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    # ---- the walk -------------------------------------------------------------------------
+
+    def _file(self, index: int) -> Path:
+        return self.work_dir / f"layer_{index:04d}.regmean.safetensors"
+
+    def _calibrates(self, index: int) -> bool:
+        return index in self.moe or self.options.linear_layers == "all"
+
+    def run_layer(self, index: int, merged_layer: torch.nn.Module) -> dict | None:
+        """Calibrate (or replay) layer `index` of the merged model and advance every source past it."""
+        from safetensors.torch import load_file
+
+        if not self._calibrates(index):
+            for source in self.sources:
+                self._advance(source, index)
+            return None
+        done = self._file(index)
+
+        def finished() -> tuple[dict[str, Tensor], dict] | None:
+            if not done.exists():
+                return None
+            return load_file(str(done)), json.loads(done.with_suffix(".json").read_text())
+
+        replay = self._on_writer(finished)  # rank 0's work folder, on every rank
+        if replay is not None:
+            tensors, summary = replay
+            self._install(tensors)
+            for source in self.sources:
+                self._advance(source, index)
+        else:
+            tensors, summary = self._calibrate(index, merged_layer)
+            if self._is_writer:
+                self._save(done, tensors, summary)
+        self.replaced.update({name: index for name in summary["replaced"]})
+        self.summaries[index] = summary
+        return {k: v for k, v in summary.items() if k != "replaced"}
+
+    def _layer_inputs(self, index: int, batch: Batch) -> dict:
+        return self.walker.layer_inputs(batch.input_ids, batch.attention_mask)[index][1]
+
+    def _forward(
+        self,
+        layer: torch.nn.Module,
+        index: int,
+        batches: list[Batch],
+        hidden: list[Tensor],
+        hooks: list[tuple[torch.nn.Module, Callable]],
+        full: bool,
+    ) -> list[Tensor] | None:
+        """Run one domain through `layer`; hooks get (batch number, real-token mask, module, args, kwargs).
+
+        With ``full`` False the forward ends (``_Stop``) right after the first hook, which must then be on
+        the experts module: attention runs, the experts and whatever follows them do not.
+        """
+        device = self.walker.device
+        store = getattr(self.calibrator, "hidden_device", torch.device("cpu"))
+        outputs: list[Tensor] = []
+        current: dict[str, Any] = {}
+        handles = []
+        for module, hook in hooks:
+
+            def pre(module: torch.nn.Module, args: tuple, kwargs: dict, hook: Callable = hook) -> None:
+                hook(current["b"], current["real"], module, args, kwargs)
+                if not full:
+                    raise _Stop
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                for b, (batch, h) in enumerate(zip(batches, hidden, strict=True)):
+                    current.update(b=b, real=batch.attention_mask.reshape(-1).bool().to(device))
+                    try:
+                        out = layer(h.to(device, self.calibrator.dtype), **self._layer_inputs(index, batch))
+                    except _Stop:
+                        continue
+                    if full:
+                        outputs.append(out.to(store, self.calibrator.storage))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs if full else None
+
+    def _advance(self, source: SourceWalk, index: int) -> None:
+        layer = source.walker.materialize(index)
+        source.hidden = self._forward(layer, index, source.batches, source.hidden, [], full=True)
+        source.walker.release(index)
+
+    # ---- one layer ------------------------------------------------------------------------
+
+    def _tasks(self, experts: int, per_expert_bytes: int) -> list[_Task]:
+        budget = self.options.sums_budget_bytes
+        chunk = experts if budget is None else max(1, min(experts, budget // max(per_expert_bytes, 1)))
+        groups = [list(range(s, min(s + chunk, experts))) for s in range(0, experts, chunk)]
+        phases = ["both"] if self.options.variant == "classic" else ["gate_up", "down"]
+        tasks = [_Task(g, p, False) for g in groups for p in phases]
+        tasks[-1].last = True
+        return tasks
+
+    def _calibrate(self, index: int, merged_layer: torch.nn.Module) -> tuple[dict[str, Tensor], dict]:
+        start = time.perf_counter()
+        opts = self.options
+        device = self.walker.device
+        prefix = f"{self.layout.layers_module}.{index}"
+        info = self.moe.get(index)
+        merged_fused = None
+        tasks = [_Task([], "none", True)]
+        if info is not None:
+            name, module = experts_module(merged_layer, prefix)
+            experts_name = f"{prefix}.{name}"
+            for pname in FusedExperts(module).parameter_names():
+                _own(module, pname)
+            merged_fused = FusedExperts(module)
+            gate_up0 = merged_fused.gate_up().detach().clone()
+            down0 = merged_fused.down().detach().clone()
+            num_experts, inter2, d_in = gate_up0.shape
+            d_out, inter_in = down0.shape[1:]
+            per_expert = RegMeanSums.bytes_per_map(inter2, d_in) + RegMeanSums.bytes_per_map(d_out, inter_in)
+            tasks = self._tasks(num_experts, per_expert)
+            tokens = torch.zeros(len(self.sources), num_experts, dtype=torch.float64, device=device)
+            calibrated: list[int] = []
+            fallbacks = 0
+        linears = self._linear_sums(merged_layer, prefix) if opts.linear_layers == "all" else {}
+        for task in tasks:
+            gate_up = down = None
+            if task.phase in ("both", "gate_up"):
+                gate_up = RegMeanSums.zeros(len(task.experts), inter2, d_in, opts.alpha, device)
+            if task.phase in ("both", "down"):
+                down = RegMeanSums.zeros(len(task.experts), d_out, inter_in, opts.alpha, device)
+            for k, source in enumerate(self.sources):
+                layer = source.walker.materialize(index)
+                hooks = []
+                merged_inputs = None
+                if task.experts:
+                    if opts.variant == "sequential":
+                        merged_inputs = self._merged_expert_inputs(merged_layer, index, k)
+                    _, source_module = experts_module(layer, f"{source.name}: {prefix}")
+                    fold = self._expert_fold(
+                        k, task, FusedExperts(source_module), gate_up, down, tokens, merged_inputs, merged_fused
+                    )
+                    hooks.append((source_module, fold))
+                if task.last and linears:
+                    hooks += self._linear_hooks(layer, linears, prefix)
+                outputs = self._forward(layer, index, source.batches, source.hidden, hooks, full=task.last)
+                if task.last:
+                    source.hidden = outputs
+                source.walker.release(index)
+                del merged_inputs
+            if not task.experts:
+                continue
+            ids = torch.tensor(task.experts, device=device)
+            enough = self._reduce(tokens.clone())[:, ids].amax(0) >= opts.min_tokens
+            for sums, stage1, pname in ((gate_up, gate_up0, "gate_up_proj"), (down, down0, "down_proj")):
+                if sums is None:
+                    continue
+                sums.reduce(self._reduce)
+                if self.on_sums is not None:
+                    self.on_sums(index, {"phase": pname, "experts": task.experts, "sums": sums, "tokens": tokens})
+                solution, fell_back = sums.solve(stage1[ids])
+                fallbacks += int((fell_back & enough).sum())
+                for j, e in enumerate(task.experts):
+                    if enough[j]:
+                        merged_fused.set(pname, e, self._as_saved(f"{experts_name}.{pname}", solution[j]))
+            if task.phase != "down":
+                calibrated += [e for j, e in enumerate(task.experts) if enough[j]]
+        tensors: dict[str, Tensor] = {}
+        summary: dict[str, Any] = {"seconds": 0.0}
+        if info is not None:
+            tokens = self._reduce(tokens)
+            tensors.update(
+                {f"{experts_name}.{n}": merged_fused.module._parameters[n] for n in merged_fused.parameter_names()}
+            )
+            summary["experts"] = {
+                "calibrated": len(calibrated),
+                "kept_stage1": num_experts - len(calibrated),
+                "min_tokens": opts.min_tokens,
+                "fallbacks": fallbacks,
+                "variant": opts.variant,
+                "passes": len(tasks),
+                "tokens": {s.name: _token_stats(tokens[k]) for k, s in enumerate(self.sources)},
+            }
+        if linears:
+            summary["linears"] = self._solve_linears(merged_layer, prefix, linears, tensors)
+        tensors = {n: t.detach().to(self._disk_dtype(n)).cpu().contiguous() for n, t in tensors.items()}
+        summary["replaced"] = self._changed(tensors)
+        summary["seconds"] = round(time.perf_counter() - start, 4)
+        return tensors, summary
+
+    def _merged_expert_inputs(self, merged_layer: torch.nn.Module, index: int, k: int) -> list[Tensor]:
+        """Expert inputs of domain k's real tokens in the model being calibrated (one tensor per batch)."""
+        _, module = experts_module(merged_layer, f"{self.layout.layers_module}.{index}")
+        captured: list[Tensor] = []
+
+        def take(b: int, real: Tensor, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _expert_call(module, args, kwargs)[0]
+            captured.append(x.reshape(-1, x.shape[-1])[real])
+
+        state = self.calibrator.domains[k]
+        self._forward(merged_layer, index, state.batches, state.hidden, [(module, take)], full=False)
+        return captured
+
+    def _expert_fold(
+        self,
+        k: int,
+        task: _Task,
+        source: FusedExperts,
+        gate_up: RegMeanSums | None,
+        down: RegMeanSums | None,
+        tokens: Tensor,
+        merged_inputs: list[Tensor] | None,
+        merged: FusedExperts,
+    ) -> Callable:
+        """The experts pre-hook of source k that folds one batch into the task's sums."""
+        wd = self.work_dtype
+        weights_source = source.weights(wd)
+        weights_merged = merged.weights(wd) if task.phase == "down" else None
+
+        def fold(b: int, real: Tensor, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            x, index, weights = _expert_call(module, args, kwargs)
+            x = x.reshape(-1, x.shape[-1])
+            if x.shape[0] != real.shape[0]:
+                raise ValueError(f"{source.module}: experts saw {x.shape[0]} rows for {real.shape[0]} positions")
+            fold_expert_batch(
+                task.experts,
+                x[real].to(wd),
+                index.reshape(-1, index.shape[-1])[real],
+                weights.reshape(-1, weights.shape[-1])[real].to(wd),
+                weights_source,
+                gate_up,
+                down,
+                tokens[k] if task.phase != "down" else None,
+                merged_x=merged_inputs[b].to(wd) if merged_inputs is not None else None,
+                merged=weights_merged,
+                routing_weight=self.options.routing_weight,
+            )
+
+        return fold
+
+    # ---- every other linear layer (linear_layers: all) -----------------------------------
+
+    def _linear_sums(self, merged_layer: torch.nn.Module, prefix: str) -> dict[str, RegMeanSums]:
+        skip = []
+        info = self.moe.get(int(prefix.rsplit(".", 1)[-1]))
+        if info is not None:
+            skip.append(info.router_module[len(prefix) + 1 :])
+        sums = {}
+        for name, module in merged_layer.named_modules():
+            if isinstance(module, torch.nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip):
+                bias = module.bias is not None
+                sums[name] = RegMeanSums.zeros(
+                    1, module.out_features, module.in_features + bias, self.options.alpha, self.walker.device
+                )
+        return sums
+
+    def _linear_hooks(
+        self, layer: torch.nn.Module, sums: dict[str, RegMeanSums], prefix: str
+    ) -> list[tuple[torch.nn.Module, Callable]]:
+        return [
+            (layer.get_submodule(n), self._linear_fold(f"{prefix}.{n}", layer.get_submodule(n), s))
+            for n, s in sums.items()
+        ]
+
+    def _linear_fold(self, name: str, linear: torch.nn.Linear, sums: RegMeanSums) -> Callable:
+        """The pre-hook of one source linear that folds every real token's input into its sums."""
+        wd = self.work_dtype
+        bias = linear.bias is not None
+        weight = linear.weight if not bias else torch.cat([linear.weight, linear.bias[:, None]], dim=1)
+        weight = weight.detach().to(wd)
+
+        def fold(b: int, real: Tensor, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            x = (args[0] if args else kwargs["input"]).reshape(-1, linear.in_features)
+            if x.shape[0] != real.shape[0]:
+                raise ValueError(f"{name}: {x.shape[0]} input rows for {real.shape[0]} token positions")
+            x = augment(x[real].to(wd), bias)
+            sums.fold(0, x, x @ weight.T, weight)
+
+        return fold
+
+    def _solve_linears(
+        self, merged_layer: torch.nn.Module, prefix: str, sums: dict[str, RegMeanSums], tensors: dict[str, Tensor]
+    ) -> dict:
+        fallbacks = 0
+        for name, target in sums.items():
+            module = merged_layer.get_submodule(name)
+            bias = module.bias is not None
+            stage1 = module.weight if not bias else torch.cat([module.weight, module.bias[:, None]], dim=1)
+            target.reduce(self._reduce)
+            solution, fell_back = target.solve(stage1.detach()[None])
+            fallbacks += int(fell_back.sum())
+            with torch.no_grad():
+                full = f"{prefix}.{name}"
+                _own(module, "weight")
+                module.weight.copy_(self._as_saved(f"{full}.weight", solution[0][:, : module.in_features]))
+                tensors[f"{full}.weight"] = module.weight
+                if bias:
+                    _own(module, "bias")
+                    module.bias.copy_(self._as_saved(f"{full}.bias", solution[0][:, -1]))
+                    tensors[f"{full}.bias"] = module.bias
+        return {"calibrated": len(sums), "fallbacks": fallbacks}
+
+    # ---- tensors: as saved, installed, written ------------------------------------------
+
+    def _disk_names(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        reverted = revert_weight_conversion(self.walker.model, dict(tensors))
+        missing = sorted(set(reverted) - set(self.walker.reader.names()))
+        if missing:
+            raise ArchitectureError(
+                f"{self.walker.reader.model_dir}: RegMean's tensor {missing[0]} (from transformers' save-time "
+                "conversion) is not in the stage-1 checkpoint"
+            )
+        return reverted
+
+    def _disk_dtype(self, name: str) -> torch.dtype:
+        if name not in self._dtypes:
+            param = self.walker.model.get_parameter(name)
+            probe = self._disk_names({name: torch.empty(param.shape, dtype=param.dtype, device="meta")})
+            self._dtypes[name] = _DTYPES[self.walker.reader.info(next(iter(probe))).dtype]
+        return self._dtypes[name]
+
+    def _as_saved(self, name: str, value: Tensor) -> Tensor:
+        """`value` as the checkpoint will hold it (its on-disk dtype), back in the forward dtype."""
+        return value.to(self._disk_dtype(name)).to(self.calibrator.dtype)
+
+    def _changed(self, tensors: dict[str, Tensor]) -> list[str]:
+        reader = self.walker.reader
+        return sorted(n for n, t in self._disk_names(tensors).items() if not torch.equal(t, reader.read(n)))
+
+    def _install(self, tensors: dict[str, Tensor]) -> None:
+        for name, tensor in tensors.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.walker.model.get_submodule(owner)
+            param = module._parameters[attr]
+            module._parameters[attr] = torch.nn.Parameter(tensor.to(param.device, param.dtype), requires_grad=False)
+
+    def _save(self, done: Path, tensors: dict[str, Tensor], summary: dict) -> None:
+        from safetensors.torch import save_file
+
+        tmp = done.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        done.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+        tmp.rename(done)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.replaced
+
+    def read(self, name: str) -> Tensor:
+        """A replaced on-disk tensor of the output (its layer's work file, converted back to on-disk names)."""
+        from safetensors.torch import load_file
+
+        index = self.replaced[name]
+        if self._cache is None or self._cache[0] != index:
+            self._cache = (index, self._disk_names(load_file(str(self._file(index)))))
+        return self._cache[1][name]
+
+    def report(self) -> dict:
+        """Options and per-layer summaries for the output's calibration report."""
+        return {
+            "options": self.options.model_dump(mode="json"),
+            "layers": {str(i): {k: v for k, v in s.items() if k != "replaced"} for i, s in self.summaries.items()},
+            "replaced_tensors": len(self.replaced),
+        }
+
+
+def _token_stats(counts: Tensor) -> dict[str, float]:
+    values = counts.tolist()
+    return {
+        "total": int(sum(values)),
+        "min": int(min(values)),
+        "median": float(statistics.median(values)),
+        "max": int(max(values)),
+        "zero": sum(1 for v in values if v == 0),
+    }
