@@ -8,6 +8,7 @@ the stage-1 model is written to `OUT` directly.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from moemerge.config import load_recipe
@@ -44,7 +45,7 @@ def run_recipe(
     options = CalibrationOptions.model_validate(section.model_dump(exclude={"domains"}))
     domains = [Domain(source, tuple(files)) for source, files in section.domains.items()]
     calibrated = calibrate(stage1, domains, out_dir, options, overwrite=overwrite, progress=progress)
-    if options.data.heldout:
+    if options.data.heldout and int(os.environ.get("RANK", "0")) == 0:  # under torchrun diagnose runs on rank 0 only
         _diagnose_into(calibrated, stage1, domains, options, progress)
     return calibrated
 

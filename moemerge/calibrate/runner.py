@@ -19,15 +19,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from moemerge.architectures.layout import ModelLayout, MoeLayer, load_layout
 from moemerge.architectures.routing import top_k_agreement, top_k_experts
+from moemerge.calibrate.distributed import Ranks, init_ranks
+from moemerge.calibrate.experts import RegMeanCalibration
+from moemerge.calibrate.memory import ModelShape, parse_budget, plan_memory
 from moemerge.calibrate.options import CalibrationOptions
 from moemerge.calibrate.solve import solve_router
 from moemerge.calibrate.walk import LayerWalker
@@ -59,11 +64,23 @@ class _DomainState:
     hidden: list[torch.Tensor]
 
 
+def _checkpoint_stamp(model_dir: str) -> list:
+    """Path, size and modification time of each file of a model folder: a rebuilt checkpoint differs.
+
+    Hashing the weights themselves would read every byte of a large model before any work starts.
+    """
+    folder = Path(model_dir).resolve()
+    return [str(folder)] + [
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()
+    ]
+
+
 def _fingerprint(merged: str, domains: list[Domain], options: CalibrationOptions) -> str:
+    """What a work folder's finished layers depend on: checkpoints, options and calibration text."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([str(Path(merged).resolve()), options.model_dump(mode="json")]).encode())
+    digest.update(json.dumps([_checkpoint_stamp(merged), options.model_dump(mode="json")]).encode())
     for domain in domains:
-        digest.update(str(Path(domain.source).resolve()).encode())
+        digest.update(json.dumps(_checkpoint_stamp(domain.source)).encode())
         for file in domain.files:
             digest.update(Path(file).read_bytes())
     return digest.hexdigest()
@@ -84,39 +101,96 @@ def _check_sources(layout: ModelLayout, domains: list[Domain]) -> None:
             raise ValueError(f"{domain.source}: its MoE layout (family, router tensors) differs from the merged model")
 
 
-def _agreement(x: torch.Tensor, reference: torch.Tensor, candidate: torch.Tensor, info: MoeLayer, kind, bias):
-    ref = top_k_experts(reference, kind, info.top_k, bias)
-    cand = top_k_experts(candidate, kind, info.top_k, bias)
-    return top_k_agreement(ref, cand, info.num_experts).mean().item()
+Router = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _agreement_sums(
+    x: torch.Tensor, reference: Router, candidates: list[Router], info: MoeLayer, kind, selection, batch: int = 4096
+) -> torch.Tensor:
+    """float64 [tokens, sum over tokens of each candidate's top-k agreement with the reference], on x's device.
+
+    Sums rather than means, so that ranks holding different tokens add them up (``Ranks.reduce``).
+    """
+
+    def here(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(x.device, torch.float32)
+
+    def logits(xb: torch.Tensor, router: Router) -> torch.Tensor:
+        w, b = router
+        return xb @ w.T + (b if b is not None else 0)
+
+    reference = (here(reference[0]), here(reference[1]))
+    candidates = [(here(w), here(b)) for w, b in candidates]
+    selection = here(selection)
+    sums = torch.zeros(1 + len(candidates), dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], batch):
+        xb = x[start : start + batch].float()
+        ref = top_k_experts(logits(xb, reference), kind, info.top_k, selection)
+        sums[0] += xb.shape[0]
+        for j, candidate in enumerate(candidates, start=1):
+            cand = top_k_experts(logits(xb, candidate), kind, info.top_k, selection)
+            sums[j] += top_k_agreement(ref, cand, info.num_experts).sum(dtype=torch.float64)
+    return sums
+
+
+def _read_layer(done: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """A finished layer's router tensors and summary from the work folder, or None."""
+    from safetensors.torch import load_file
+
+    if not done.exists():
+        return None
+    return load_file(str(done)), json.loads(done.with_suffix(".json").read_text())
 
 
 class Calibrator:
     """One HARC calibration run of a merged model against its sources."""
 
-    def __init__(self, merged: str, domains: list[Domain], options: CalibrationOptions, work_dir: Path):
+    def __init__(
+        self,
+        merged: str,
+        domains: list[Domain],
+        options: CalibrationOptions,
+        work_dir: Path,
+        ranks: Ranks | None = None,
+    ):
+        """Distributed (torchrun, or ``ranks`` given), this rank keeps its share of every domain's batches."""
         from transformers import AutoTokenizer
 
         self.merged = merged
-        self.options = options
+        self.ranks = ranks or init_ranks(options.device)
         self.layout = load_layout(merged)
         _check_sources(self.layout, domains)
-        self.work_dir = work_dir
-        _prepare_work_dir(work_dir, _fingerprint(merged, domains, options))
-        self.dtype = getattr(torch, options.forward_dtype)
-        self.storage = getattr(torch, options.activation_dtype)
-        self.walker = LayerWalker(merged, self.layout, dtype=self.dtype, device=options.device)
         tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=False)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        calibrations = [load_domain(d.source, d.files, tokenizer, options.data)[0] for d in domains]
+        self.plan = plan_memory(  # before any work: a budget that cannot be met stops here
+            ModelShape.of(self.layout, CheckpointReader(merged)),
+            [[len(sample) for sample in c.samples] for c in calibrations],
+            options,
+            parse_budget(options.max_memory, options.device),
+            world_size=self.ranks.world_size,
+            on_gpu=self.ranks.device.type == "cuda",
+        )
+        options = self.options = self.plan.apply(options)
+        self.work_dir = work_dir
+        self.ranks.on_writer(lambda: _prepare_work_dir(work_dir, _fingerprint(merged, domains, options)))
+        self.dtype = getattr(torch, options.forward_dtype)
+        self.storage = getattr(torch, options.activation_dtype)
+        self.hidden_device = torch.device("cpu") if self.plan.hidden_on == "host" else self.ranks.device
+        self.walker = LayerWalker(merged, self.layout, dtype=self.dtype, device=str(self.ranks.device))
         self.domains = []
-        for domain in domains:
-            calibration, _ = load_domain(domain.source, domain.files, tokenizer, options.data)
+        for domain, calibration in zip(domains, calibrations, strict=True):
             domain_batches = list(batches(calibration, options.batch_tokens, pad_id))
+            sizes = [int(b.attention_mask.sum()) for b in domain_batches]
+            domain_batches = self.ranks.shard(domain_batches, sizes, domain.source)
             hidden = [
-                self.walker.layer_inputs(b.input_ids, b.attention_mask)[0][0].to(self.storage) for b in domain_batches
+                self.walker.layer_inputs(b.input_ids, b.attention_mask)[0][0].to(self.hidden_device, self.storage)
+                for b in domain_batches
             ]
             self.domains.append(_DomainState(domain.source, CheckpointReader(domain.source), domain_batches, hidden))
         self.solved: dict[str, torch.Tensor] = {}
         self.summaries: list[dict] = []
+        self.regmean = RegMeanCalibration(self) if options.experts else None  # experts before routers
 
     def _layer_file(self, index: int) -> Path:
         return self.work_dir / f"layer_{index:04d}.safetensors"
@@ -139,7 +213,7 @@ class Calibrator:
                 for batch, hidden in zip(state.batches, state.hidden, strict=True):
                     kwargs = self.walker.layer_inputs(batch.input_ids, batch.attention_mask)[index][1]
                     out = layer(hidden.to(self.walker.device, self.dtype), **kwargs)
-                    outputs.append(out.to(self.storage))
+                    outputs.append(out.to(self.hidden_device, self.storage))
                     if record is not None:
                         real = batch.attention_mask.reshape(-1).bool().to(self.walker.device)
                         captured[-1] = captured[-1][real].to(self.storage)
@@ -165,8 +239,10 @@ class Calibrator:
             source_biases=[b.to(self.walker.device) for b in source_b] if source_b else None,
             merged_bias=merged_b.to(self.walker.device) if merged_b is not None else None,
             options=self.options.harc,
+            reduce=self.ranks.reduce,
         )
         saved = {info.router_weight: solution.weight.cpu().to(reader.read(info.router_weight).dtype)}
+        self.ranks.check_same(solution.weight, f"layer {info.index} router")
         if info.router_bias:
             saved[info.router_bias] = solution.bias.cpu().to(reader.read(info.router_bias).dtype)
         summary = {
@@ -182,17 +258,16 @@ class Calibrator:
         new_b = saved[info.router_bias].float() if info.router_bias else None
         kind = self.layout.router_kind
         for i, (state, x) in enumerate(zip(self.domains, router_inputs, strict=True)):
-            x = x.float()
             selection = state.source.read(info.selection_bias) if info.selection_bias else None
-
-            def logits(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor = x) -> torch.Tensor:
-                return x @ w.T + (b if b is not None else 0)
-
-            reference = logits(source_w[i], source_b[i] if source_b else None)
+            reference = (source_w[i], source_b[i] if source_b else None)
+            sums = _agreement_sums(
+                x.to(self.walker.device), reference, [(merged_w, merged_b), (new_w, new_b)], info, kind, selection
+            )
+            tokens, before, after = self.ranks.reduce(sums).tolist()  # every rank's tokens
             summary["domains"][state.name] = {
-                "tokens": int(x.shape[0]),
-                "agreement_before": _agreement(x, reference, logits(merged_w, merged_b), info, kind, selection),
-                "agreement_after": _agreement(x, reference, logits(new_w, new_b), info, kind, selection),
+                "tokens": int(tokens),
+                "agreement_before": before / tokens,
+                "agreement_after": after / tokens,
             }
         return saved, summary
 
@@ -206,18 +281,20 @@ class Calibrator:
 
     def run(self, progress: bool = True, on_router_inputs: RouterInputsCallback | None = None) -> None:
         """Calibrate every MoE layer in order; `on_router_inputs(layer, [X_i])` sees what each solve used."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
         moe = {info.index: info for info in self.layout.moe_layers}
-        for index in tqdm(range(self.layout.num_layers), desc="calibrating layers", disable=not progress):
+        bar = progress and self.ranks.is_writer
+        for index in tqdm(range(self.layout.num_layers), desc="calibrating layers", disable=not bar):
             layer = self.walker.materialize(index)
             info = moe.get(index)
+            regmean = self.regmean.run_layer(index, layer) if self.regmean is not None else None
             done = self._layer_file(index)
             if info is not None:
-                if done.exists():
-                    tensors = load_file(str(done))
-                    summary = json.loads(done.with_suffix(".json").read_text())
+                finished = self.ranks.on_writer(partial(_read_layer, done))  # rank 0's work folder, on every rank
+                if finished is not None:
+                    tensors, summary = finished
                 else:
                     inputs = []
                     for state in self.domains:
@@ -226,9 +303,12 @@ class Calibrator:
                     if on_router_inputs is not None:
                         on_router_inputs(index, inputs)
                     tensors, summary = self._solve(info, inputs)
-                    save_file(tensors, str(done.with_suffix(".tmp")))
-                    done.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-                    done.with_suffix(".tmp").rename(done)
+                    if regmean is not None:
+                        summary["regmean"] = regmean
+                    if self.ranks.is_writer:
+                        save_file(tensors, str(done.with_suffix(".tmp")))
+                        done.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+                        done.with_suffix(".tmp").rename(done)
                 self._install(info, tensors)
                 self.solved.update(tensors)
                 self.summaries.append(summary)
@@ -238,11 +318,21 @@ class Calibrator:
             self.walker.release(index)
 
     def write(self, out_dir: Path, overwrite: bool) -> Path:
-        """OUT = merged model with every MoE router replaced; every other tensor copied bit-identically."""
+        """OUT = merged model with every MoE router replaced; every other tensor copied bit-identically.
+
+        Distributed, rank 0 writes (atomically) and the other ranks wait for it and share its outcome.
+        """
+        return self.ranks.on_writer(partial(self._write, out_dir, overwrite))
+
+    def _write(self, out_dir: Path, overwrite: bool) -> Path:
         reader = self.walker.reader
         with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
             for name in reader.names():
-                writer.add(name, self.solved[name] if name in self.solved else reader.read(name))
+                if name in self.solved:
+                    writer.add(name, self.solved[name])
+                else:
+                    in_regmean = self.regmean is not None and name in self.regmean
+                    writer.add(name, self.regmean.read(name) if in_regmean else reader.read(name))
             writer.copy_support_files(self.merged)
             report = {
                 "merged": self.merged,
@@ -250,6 +340,8 @@ class Calibrator:
                 "options": self.options.model_dump(mode="json"),
                 "layers": self.summaries,
             }
+            if self.regmean is not None:
+                report["regmean"] = self.regmean.report()
             writer.write_text(SUMMARY_FILE, json.dumps(report, indent=1))
             writer.write_text(
                 "README.md",
@@ -257,7 +349,8 @@ class Calibrator:
                     recipe=json.dumps({"calibrate": self.options.model_dump(mode="json")}, indent=1),
                     sources=[d.name for d in self.domains],
                     base=None,
-                    summary=f"Stage-1 model `{self.merged}` with every MoE router re-solved by HARC.",
+                    summary=f"Stage-1 model `{self.merged}` with every MoE router re-solved by HARC"
+                    + (" and its experts merged by routing-aware RegMean." if self.regmean is not None else "."),
                 ),
             )
             return writer.finalize(expected=set(reader.names()))
@@ -279,5 +372,8 @@ def calibrate(
         raise ValueError(f"{out_dir}: output exists; pass overwrite to replace it")
     work = Path(work_dir) if work_dir else out_dir.parent / f"{out_dir.name}.work"
     calibrator = Calibrator(merged, domains, options or CalibrationOptions(), work)
+    logger.info("%s", calibrator.plan.describe())
+    if progress and calibrator.ranks.is_writer:
+        print(calibrator.plan.describe(), file=sys.stderr)
     calibrator.run(progress=progress)
     return calibrator.write(out_dir, overwrite)

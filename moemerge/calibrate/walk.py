@@ -55,7 +55,8 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedMo
     torch.set_default_dtype(dtype)
     try:
         with _parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            # dtype explicitly: from_config would take config.dtype (bf16 for most checkpoints) over the default
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
@@ -113,7 +114,9 @@ class LayerWalker:
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
-        state = {name: self.reader.read(name) for name in names}
+        # Copies: a parameter loaded in its on-disk dtype would otherwise share memory with the
+        # reader's mapped tensor, and installing a calibrated router would change later reads.
+        state = {name: self.reader.read(name).clone() for name in names}
         config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(self.model), dtype=self.dtype)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per layer would drown the run's own bar

@@ -37,6 +37,18 @@ SUPPORT_FILES = (
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
+def shard_file_name(index: int) -> str:
+    """Temporary name of shard ``index`` inside the writer's folder (renamed by `finalize`)."""
+    return f"shard-{index:05d}.safetensors"
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one shard: the bytes depend on the tensors alone, whichever process writes it."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
 class CheckpointWriter:
     """Collects tensors into shards in a temporary folder; `finalize` moves the folder into place."""
 
@@ -68,13 +80,28 @@ class CheckpointWriter:
         self._pending_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        path = self.tmp_dir / shard_file_name(len(self._shards))
+        save_shard(self._pending, path)
         self._shards.append((path, list(self._pending)))
         self._written.update(self._pending)
         self._pending, self._pending_bytes = {}, 0
+
+    def add_shard_file(self, path: Path, names: list[str]) -> None:
+        """Adopt shard number ``len(shards)``, written by another process into `tmp_dir` with `save_shard`.
+
+        Distributed stage 1: ranks write whole shards (the same tensors `add` would have put in
+        them), rank 0 adopts them in order and finalizes, so the folder is the single-process one.
+        """
+        if self._pending:
+            raise CheckpointError(f"{self.out_dir}: cannot adopt a shard file while tensors are pending")
+        expected = self.tmp_dir / shard_file_name(len(self._shards))
+        if path != expected or not path.is_file():
+            raise CheckpointError(f"{self.out_dir}: shard file {path} missing or out of order (expected {expected})")
+        twice = sorted(self.names & set(names))
+        if twice:
+            raise CheckpointError(f"{self.out_dir}: tensor {twice[0]} written twice")
+        self._shards.append((path, list(names)))
+        self._written.update(names)
 
     def copy_support_files(self, source_dir: str | Path) -> None:
         """Copy config, generation config, tokenizer files and chat template from `source_dir`."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -396,15 +397,24 @@ def merge_checkpoints(
     device = resolve_device(device)
 
     plan = plan_merge(recipe)
+
+    def finish(writer: CheckpointWriter) -> None:
+        writer.copy_support_files(recipe.tokenizer_model)
+        config = _output_config(plan, recipe.tokenizer_model)
+        if config is not None:
+            writer.write_text("config.json", config)
+        card = model_card(recipe=recipe_text, sources=list(plan.sources), base=plan.base, summary=_summary(plan))
+        writer.write_text("README.md", card)
+
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank merges whole shards
+            from moemerge.merge.distributed import merge_sharded
+
+            sharded = {"overwrite": overwrite, "device": device, "max_shard_bytes": shard_bytes, "progress": progress}
+            return merge_sharded(plan, out_dir, finish, **sharded)
         with CheckpointWriter(out_dir, overwrite=overwrite, max_shard_bytes=shard_bytes) as writer:
             merge_tensors(plan, plan.names, writer, device=device, progress=progress)
-            writer.copy_support_files(recipe.tokenizer_model)
-            config = _output_config(plan, recipe.tokenizer_model)
-            if config is not None:
-                writer.write_text("config.json", config)
-            card = model_card(recipe=recipe_text, sources=list(plan.sources), base=plan.base, summary=_summary(plan))
-            writer.write_text("README.md", card)
+            finish(writer)
             return writer.finalize(expected=set(plan.names))
     finally:
         for reader in plan.readers.values():
