@@ -5,7 +5,8 @@
 Per family (a folder of checkpoints/ built by build.py):
 
 1. stage 1 with every method of `moemerge.merge.registry.method_names()` (parameters in METHOD_PARAMETERS);
-2. stage 2: HARC (gamma 0.9) on each stage-1 model, with the demo's calibration text;
+2. stage 2: HARC (gamma 0.9) on each stage-1 model, with the demo's calibration text; and the same
+   calibration with `experts: true` (routing-aware RegMean of the experts, then HARC, in one walk);
 3. diagnose: the stage-1 models with oracle routers (the source's routers swapped in: the ceiling of
    any router calibration), then base, specialists and the calibrated models, all on the same
    held-out text (the demo's split: 32 of each domain's 64 shipped samples, never calibration text);
@@ -54,12 +55,13 @@ SWEEP_GAMMA = (0.5, 0.9, 1.0, 1.5)
 SWEEP_SAMPLES = (8, 16, 32)  # 32 is all a domain has once its 32 held-out samples are set aside
 
 
-def _options(samples: int = CALIBRATION, gamma: float = 0.9):
+def _options(samples: int = CALIBRATION, gamma: float = 0.9, experts: bool = False):
+    """The demo's calibration options; `experts`: RegMean of the experts (default regmean section) before HARC."""
     from moemerge.calibrate.options import CalibrationOptions
 
     section = recipe("olmoe", "linear", harc={"gamma": gamma}, samples=samples)["calibrate"]
     section.pop("domains")
-    return CalibrationOptions.model_validate(section)
+    return CalibrationOptions.model_validate(dict(section, experts=experts))
 
 
 def _domains(family: str):
@@ -90,6 +92,21 @@ def _evaluations(report, names: dict[str, str]) -> dict:
     return rows
 
 
+def _calibrate_experts(stage1: str, domains, out: Path, entry: dict, result: dict, progress: bool) -> str | None:
+    """Stage 2 with experts=True (RegMean of the experts, then HARC) on one stage-1 model; None if it failed."""
+    from moemerge.calibrate.runner import calibrate
+
+    try:
+        path, entry["experts_seconds"] = _timed(
+            calibrate, stage1, domains, out, _options(experts=True), progress=progress
+        )
+        return str(path)
+    except Exception as err:  # every failure is reported, with its error
+        result["failures"].append({"configuration": f"{out.parent.name} + experts + HARC", "error": repr(err)})
+        traceback.print_exc()
+        return None
+
+
 def run_family(family: str, methods: list[str], work: Path, progress: bool) -> dict:
     from moemerge.calibrate.runner import calibrate
     from moemerge.diagnose.evaluate import diagnose
@@ -104,7 +121,7 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
     domains = _domains(family)
     options = _options()
     result: dict = {"family": family, "methods": {}, "failures": [], "times": {}, "sweep": {}}
-    stage1, harc = {}, {}
+    stage1, harc, experts = {}, {}, {}
     for method in methods:
         entry: dict = {"parameters": METHOD_PARAMETERS.get(method, {})}
         result["methods"][method] = entry
@@ -123,6 +140,10 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
         except Exception as err:  # every failure is reported, with its error
             result["failures"].append({"configuration": f"{method} (stage 1 or HARC)", "error": repr(err)})
             traceback.print_exc()
+        if method in stage1:
+            out = _calibrate_experts(stage1[method], domains, root / method / "experts-harc", entry, result, progress)
+            if out:
+                experts[method] = out
         print(f"{family} {method}: {entry}" if "calibration" not in entry else f"{family} {method}: done")
 
     reference = stage1.get(SWEEP_METHOD, next(iter(stage1.values())))
@@ -140,8 +161,9 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
     models = {"base": str(HERE / "checkpoints" / family / "base")}
     models.update({f"specialist {d}": str(HERE / "checkpoints" / family / d) for d in DOMAINS})
     models.update({f"{m} + HARC": p for m, p in harc.items()})
+    models.update({f"{m} + experts + HARC": p for m, p in experts.items()})
     diag = DiagnoseOptions(data=options.data, batch_tokens=options.batch_tokens, stage1=models["base"])
-    report, result["times"]["diagnose base, specialists, HARC"] = _timed(
+    report, result["times"]["diagnose base, specialists, HARC, experts + HARC"] = _timed(
         diagnose, models, domains, root / "report-harc", diag, progress=progress
     )
     result["rows"].update(_evaluations(report, {}))
@@ -194,14 +216,14 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def _fractions(result: dict, method: str) -> tuple[float | None, float | None]:
-    """Mean over domains of HARC's share of the oracle gain and of the stage-1-to-specialist gap."""
+def _fractions(result: dict, method: str, stage2: str = " + HARC") -> tuple[float | None, float | None]:
+    """Mean over domains of stage 2's (row suffix `stage2`) share of the oracle gain and of the specialist gap."""
     rows = result["rows"]
-    if f"{method} + HARC" not in rows or method not in rows:
+    if method + stage2 not in rows or method not in rows:
         return None, None
     oracle, gap = [], []
     for d in DOMAINS:
-        l1, lh = rows[method][d]["loss"], rows[f"{method} + HARC"][d]["loss"]
+        l1, lh = rows[method][d]["loss"], rows[method + stage2][d]["loss"]
         lo, ls = rows[f"{method} + oracle routers"][d]["loss"], result["sources"][d]["loss"]
         oracle.append((l1 - lh) / (l1 - lo) if abs(l1 - lo) > 1e-6 else float("nan"))
         gap.append((l1 - lh) / (l1 - ls) if abs(l1 - ls) > 1e-6 else float("nan"))
@@ -227,7 +249,7 @@ def family_markdown(result: dict) -> list[str]:
     ]
     order = ["base"] + [f"specialist {d}" for d in DOMAINS]
     for m in methods:
-        order += [m, f"{m} + HARC", f"{m} + oracle routers"]
+        order += [m, f"{m} + HARC", f"{m} + experts + HARC", f"{m} + oracle routers"]
     for name in order:
         if name in rows:
             losses = [rows[name][d]["loss"] for d in DOMAINS]
@@ -249,18 +271,21 @@ def family_markdown(result: dict) -> list[str]:
         "### What HARC recovers, and what each stage costs",
         "",
         "oracle gain recovered = (L_stage1 - L_HARC) / (L_stage1 - L_oracle); specialist gap recovered = "
-        "(L_stage1 - L_HARC) / (L_stage1 - L_specialist); both per domain, then averaged.",
+        "(L_stage1 - L_HARC) / (L_stage1 - L_specialist); both per domain, then averaged. The `+ experts + HARC` "
+        "columns: the same with the model calibrated with experts=True in place of HARC alone.",
         "",
         "| method | mean loss stage 1 | + HARC | oracle | oracle gain recovered | specialist gap recovered "
-        "| merge s | HARC s | CG iterations (max) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| + experts + HARC | specialist gap recovered (+ experts) | merge s | HARC s | experts + HARC s "
+        "| CG iterations (max) |",
+        "|---|" + "---:|" * 11,
     ]
     for m in methods:
         entry = result["methods"][m]
         oracle, gap = _fractions(result, m)
+        gap_experts = _fractions(result, m, " + experts + HARC")[1]
         mean = {
             k: _mean(rows[k][d]["loss"] for d in DOMAINS)
-            for k in (m, f"{m} + HARC", f"{m} + oracle routers")
+            for k in (m, f"{m} + HARC", f"{m} + experts + HARC", f"{m} + oracle routers")
             if k in rows
         }
         layers = entry.get("calibration", {}).get("layers", [])
@@ -276,8 +301,11 @@ def family_markdown(result: dict) -> list[str]:
                     f"{mean.get(m + ' + oracle routers', float('nan')):.4f}",
                     "n/a" if oracle is None else f"{oracle:.3f}",
                     "n/a" if gap is None else f"{gap:.3f}",
+                    f"{mean.get(m + ' + experts + HARC', float('nan')):.4f}",
+                    "n/a" if gap_experts is None else f"{gap_experts:.3f}",
                     f"{entry.get('merge_seconds', float('nan')):.1f}",
                     f"{entry.get('calibrate_seconds', float('nan')):.1f}",
+                    f"{entry.get('experts_seconds', float('nan')):.1f}",
                     str(iterations),
                 ],
             )
@@ -341,9 +369,35 @@ def headline(result: dict) -> str:
         f"{base:.3f} and specialists on their own domains {own:.3f}; top-1 agreement with the "
         f"specialists {spread(m)}. Oracle routers reach {mean(m + ' + oracle routers'):.3f}; HARC reaches "
         f"{mean(m + ' + HARC'):.3f} with agreement {spread(m + ' + HARC')}, i.e. {oracle:.2f} of the oracle gain "
-        f"and {gap:.2f} of the stage-1-to-specialist gap (the rest lies in the merged experts). Best merged model: "
-        f"{best} ({merged[best]:.3f}); {verdict}."
+        f"and {gap:.2f} of the stage-1-to-specialist gap (the rest lies in the merged experts). "
+        f"{_experts_line(result)} Best merged model: {best} ({merged[best]:.3f}); {verdict}."
     )
+
+
+def _experts_line(result: dict) -> str:
+    """The headline's sentence on the sweep method calibrated with experts=True (RegMean of the experts, then HARC)."""
+    m, rows = SWEEP_METHOD, result["rows"]
+    name = f"{m} + experts + HARC"
+    if name not in rows:
+        return f"{name}: not run or failed (see Failures)."
+    oracle, gap = _fractions(result, m, " + experts + HARC")
+    loss = _mean(rows[name][d]["loss"] for d in DOMAINS)
+    agreement = [rows[name][d]["agreement"] for d in DOMAINS]
+    seconds = result["methods"][m].get("experts_seconds", float("nan"))
+    return (
+        f"With the experts re-solved too ({name}, {seconds:.0f} s against HARC's "
+        f"{result['methods'][m].get('calibrate_seconds', float('nan')):.0f} s): {loss:.3f}, agreement "
+        f"{min(agreement):.2f}-{max(agreement):.2f}, {gap:.2f} of the stage-1-to-specialist gap "
+        f"(goal: 0.90) and {oracle:.2f} of the gain of stage 1 with oracle routers. {_experts_spread(result)}"
+    )
+
+
+def _experts_spread(result: dict) -> str:
+    """How far apart the stage-1 methods end up once calibrated with experts=True (mean held-out loss)."""
+    rows = result["rows"]
+    names = [f"{m} + experts + HARC" for m in result["methods"] if f"{m} + experts + HARC" in rows]
+    losses = [_mean(rows[name][d]["loss"] for d in DOMAINS) for name in names]
+    return f"Over the {len(losses)} stage-1 methods, + experts + HARC spans {min(losses):.4f}-{max(losses):.4f}."
 
 
 def write_results() -> Path:
@@ -362,7 +416,9 @@ def write_results() -> Path:
         + "; ".join(f"`{r['command']}` ({r['seconds'] / 60:.1f} min, {r['family']})" for r in results)
         + ", on a shared 2-core CPU. Specialists, data and split: examples/specialists/DATA.md. Held-out text: "
         "32 samples per domain (seed 0), never calibration text; HARC calibration: "
-        f"{CALIBRATION} of the remaining samples per domain, gamma 0.9, kronecker preconditioner. Oracle "
+        f"{CALIBRATION} of the remaining samples per domain, gamma 0.9, kronecker preconditioner; `+ experts + "
+        "HARC`: the same calibration with experts=True (routing-aware RegMean of the experts with the default "
+        "regmean options, docs/EXPERTS.md, then HARC, in one walk). Oracle "
         "routers: the stage-1 model with the domain's specialist's routers swapped in, the best any router "
         "calibration can reach. Method parameters: "
         + "; ".join(f"{m} {p or 'defaults'}" for m, p in METHOD_PARAMETERS.items())
