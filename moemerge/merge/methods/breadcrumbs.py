@@ -4,13 +4,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from pydantic import Field
 from torch import Tensor
 
 from moemerge.merge.methods.sparsify import magnitude_outliers, rescale_l1
-from moemerge.merge.methods.task_arithmetic import TaskArithmeticParams, merge_task_vectors
+from moemerge.merge.methods.task_arithmetic import TaskArithmeticParams, sparsified_kernel
 from moemerge.merge.methods.ties import SparseSource
 from moemerge.merge.registry import MergeMethod, TensorContext
 
@@ -27,38 +25,17 @@ class BreadcrumbsParams(TaskArithmeticParams):
     rescale: bool = False
 
 
-def _breadcrumbs(consensus: bool):
-    def kernel(
-        base: Tensor | None,
-        sources: Sequence[Tensor],
-        source_params: Sequence[BreadcrumbsSource],
-        params: BreadcrumbsParams,
-        ctx: TensorContext,
-    ) -> Tensor:
-        assert base is not None
-
-        def crumbs(i: int, tau: Tensor) -> Tensor:
-            p = source_params[i]
-            kept = magnitude_outliers(tau, p.density, p.gamma)
-            return rescale_l1(tau, kept) if params.rescale else kept
-
-        return merge_task_vectors(
-            base,
-            sources,
-            [p.weight for p in source_params],
-            sparsify=crumbs,
-            consensus=consensus,
-            normalize=params.normalize,
-            lambda_=params.lambda_,
-        )
-
-    return kernel
+def _crumbs(
+    tau: Tensor, source: BreadcrumbsSource, params: BreadcrumbsParams, ctx: TensorContext, index: int
+) -> Tensor:
+    kept = magnitude_outliers(tau, source.density, source.gamma)
+    return rescale_l1(tau, kept) if params.rescale else kept
 
 
 METHODS = (
     MergeMethod(
         name="breadcrumbs",
-        kernel=_breadcrumbs(consensus=False),
+        kernel=sparsified_kernel(_crumbs, consensus=False),
         params_model=BreadcrumbsParams,
         source_params_model=BreadcrumbsSource,
         needs_base=True,
@@ -66,7 +43,7 @@ METHODS = (
     ),
     MergeMethod(
         name="breadcrumbs_ties",
-        kernel=_breadcrumbs(consensus=True),
+        kernel=sparsified_kernel(_crumbs, consensus=True),
         params_model=BreadcrumbsParams,
         source_params_model=BreadcrumbsSource,
         needs_base=True,

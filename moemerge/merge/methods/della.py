@@ -3,13 +3,11 @@ addition (della_linear) (arXiv:2406.11617)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from pydantic import Field
 from torch import Tensor
 
 from moemerge.merge.methods.sparsify import della_magprune, rescale_l1, source_uniform
-from moemerge.merge.methods.task_arithmetic import TaskArithmeticParams, merge_task_vectors
+from moemerge.merge.methods.task_arithmetic import TaskArithmeticParams, sparsified_kernel
 from moemerge.merge.methods.ties import SparseSource
 from moemerge.merge.registry import MergeMethod, TensorContext
 
@@ -33,40 +31,17 @@ class DellaLinearParams(DellaParams):
     normalize: bool = False
 
 
-def _della(consensus: bool):
-    def kernel(
-        base: Tensor | None,
-        sources: Sequence[Tensor],
-        source_params: Sequence[DellaSource],
-        params: DellaParams,
-        ctx: TensorContext,
-    ) -> Tensor:
-        assert base is not None
-
-        def prune(i: int, tau: Tensor) -> Tensor:
-            p = source_params[i]
-            if p.density >= 1:
-                return tau
-            kept = della_magprune(tau, p.density, p.epsilon, source_uniform(tau, ctx, i))
-            return rescale_l1(tau, kept) if params.rescale else kept
-
-        return merge_task_vectors(
-            base,
-            sources,
-            [p.weight for p in source_params],
-            sparsify=prune,
-            consensus=consensus,
-            normalize=params.normalize,
-            lambda_=params.lambda_,
-        )
-
-    return kernel
+def _prune(tau: Tensor, source: DellaSource, params: DellaParams, ctx: TensorContext, index: int) -> Tensor:
+    if source.density >= 1:
+        return tau
+    kept = della_magprune(tau, source.density, source.epsilon, source_uniform(tau, ctx, index))
+    return rescale_l1(tau, kept) if params.rescale else kept
 
 
 METHODS = (
     MergeMethod(
         name="della",
-        kernel=_della(consensus=True),
+        kernel=sparsified_kernel(_prune, consensus=True),
         params_model=DellaParams,
         source_params_model=DellaSource,
         needs_base=True,
@@ -75,7 +50,7 @@ METHODS = (
     ),
     MergeMethod(
         name="della_linear",
-        kernel=_della(consensus=False),
+        kernel=sparsified_kernel(_prune, consensus=False),
         params_model=DellaLinearParams,
         source_params_model=DellaSource,
         needs_base=True,

@@ -13,12 +13,13 @@ mergekit's generalized task arithmetic, per tensor (its `merge_group`):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from moemerge.merge.registry import MergeMethod, Params, TensorContext
+from moemerge.merge.registry import Kernel, MergeMethod, Params, TensorContext
 
 
 class WeightedSource(Params):
@@ -67,6 +68,37 @@ def merge_task_vectors(
     if normalize:
         mixed = mixed / divisor
     return base + lambda_ * mixed
+
+
+Sparsify = Callable[[Tensor, Any, Any, TensorContext, int], Tensor]
+"""(tau_i, source i's params, method params, tensor context, i) -> the entries of tau_i that are kept."""
+
+
+def sparsified_kernel(sparsify: Sparsify, consensus: bool) -> Kernel:
+    """A task-vector kernel: sparsify each tau_i, then add (consensus off) or elect signs as in TIES.
+
+    TIES, DARE, breadcrumbs and DELLA differ only in `sparsify`; the rest is `merge_task_vectors`.
+    """
+
+    def kernel(
+        base: Tensor | None,
+        sources: Sequence[Tensor],
+        source_params: Sequence[Any],
+        params: Any,
+        ctx: TensorContext,
+    ) -> Tensor:
+        assert base is not None
+        return merge_task_vectors(
+            base,
+            sources,
+            [p.weight for p in source_params],
+            sparsify=lambda i, tau: sparsify(tau, source_params[i], params, ctx, i),
+            consensus=consensus,
+            normalize=params.normalize,
+            lambda_=params.lambda_,
+        )
+
+    return kernel
 
 
 def task_arithmetic(

@@ -3,13 +3,11 @@ average only the agreeing entries (arXiv:2306.01708)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from pydantic import Field
 from torch import Tensor
 
 from moemerge.merge.methods.sparsify import magnitude, rescale_l1
-from moemerge.merge.methods.task_arithmetic import TaskArithmeticParams, WeightedSource, merge_task_vectors
+from moemerge.merge.methods.task_arithmetic import TaskArithmeticParams, WeightedSource, sparsified_kernel
 from moemerge.merge.registry import MergeMethod, TensorContext
 
 
@@ -26,34 +24,15 @@ class TiesParams(TaskArithmeticParams):
     rescale: bool = False
 
 
-def ties(
-    base: Tensor | None,
-    sources: Sequence[Tensor],
-    source_params: Sequence[SparseSource],
-    params: TiesParams,
-    ctx: TensorContext,
-) -> Tensor:
-    assert base is not None
-
-    def trim(i: int, tau: Tensor) -> Tensor:
-        kept = magnitude(tau, source_params[i].density)
-        return rescale_l1(tau, kept) if params.rescale else kept
-
-    return merge_task_vectors(
-        base,
-        sources,
-        [p.weight for p in source_params],
-        sparsify=trim,
-        consensus=True,
-        normalize=params.normalize,
-        lambda_=params.lambda_,
-    )
+def _trim(tau: Tensor, source: SparseSource, params: TiesParams, ctx: TensorContext, index: int) -> Tensor:
+    kept = magnitude(tau, source.density)
+    return rescale_l1(tau, kept) if params.rescale else kept
 
 
 METHODS = (
     MergeMethod(
         name="ties",
-        kernel=ties,
+        kernel=sparsified_kernel(_trim, consensus=True),
         params_model=TiesParams,
         source_params_model=SparseSource,
         needs_base=True,
