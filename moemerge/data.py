@@ -216,6 +216,23 @@ def load_domain(
     return calibration, heldout
 
 
+def pack(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Sample indices of each batch: longest first (ties by index), each batch as long as its first
+    sample and holding at most ``batch_tokens`` positions (a longer sample is a batch of its own).
+
+    The one packing rule, used by `batches` and by the memory planner that sizes them in advance.
+    """
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    packed, start = [], 0
+    while start < len(order):
+        rows = max(1, batch_tokens // lengths[order[start]])
+        packed.append(order[start : start + rows])
+        start += len(packed[-1])
+    return packed
+
+
 def batches(domain: TokenizedDomain, batch_tokens: int, pad_id: int) -> Iterator[Batch]:
     """Pack a domain's samples into right-padded batches of at most ``batch_tokens`` positions (B x T).
 
@@ -225,14 +242,8 @@ def batches(domain: TokenizedDomain, batch_tokens: int, pad_id: int) -> Iterator
     """
     import torch
 
-    if batch_tokens < 1:
-        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-    order = sorted(range(len(domain.samples)), key=lambda i: (-len(domain.samples[i]), i))
-    start = 0
-    while start < len(order):
-        width = len(domain.samples[order[start]])
-        rows = max(1, batch_tokens // width)
-        indices = order[start : start + rows]
+    for indices in pack([len(sample) for sample in domain.samples], batch_tokens):
+        width = len(domain.samples[indices[0]])
         input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
         for row, i in enumerate(indices):
@@ -240,7 +251,6 @@ def batches(domain: TokenizedDomain, batch_tokens: int, pad_id: int) -> Iterator
             input_ids[row, : len(sample)] = sample
             attention_mask[row, : len(sample)] = 1
         yield Batch(input_ids=input_ids, attention_mask=attention_mask, indices=indices)
-        start += len(indices)
 
 
 def _read_file(path: Path, split_paragraphs: bool) -> list[_RawSample]:

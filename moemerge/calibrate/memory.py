@@ -34,7 +34,6 @@ exceeds is an error before any work starts.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,9 +43,10 @@ from moemerge.architectures.layout import ModelLayout
 from moemerge.calibrate.distributed import assign_shards
 from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, RouterSolveOptions
 from moemerge.calibrate.preconditioners import choose_preconditioner, required_bytes
+from moemerge.calibrate.walk import LAYER_INDEX
 from moemerge.checkpoint.reader import CheckpointReader
+from moemerge.data import pack
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # the walker's grouping of on-disk names into layers
 _FALLBACK: tuple[PreconditionerName, ...] = ("block", "kronecker", "diagonal", "none")
 _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -111,7 +111,7 @@ class ModelShape:
         resident = 0
         for name in reader.names():
             numel = math.prod(reader.info(name).shape)
-            match = _LAYER_INDEX.search(name)
+            match = LAYER_INDEX.search(name)
             if match:
                 per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + numel
             else:
@@ -138,14 +138,7 @@ class RankTokens:
 
 def batch_sizes(lengths: Sequence[int], batch_tokens: int) -> list[tuple[int, int]]:
     """(padded, real) tokens of each batch that `moemerge.data.batches` packs from samples of these lengths."""
-    order = sorted(lengths, reverse=True)
-    sizes, start = [], 0
-    while start < len(order):
-        width = order[start]
-        rows = order[start : start + max(1, batch_tokens // width)]
-        sizes.append((width * len(rows), sum(rows)))
-        start += len(rows)
-    return sizes
+    return [(lengths[rows[0]] * len(rows), sum(lengths[i] for i in rows)) for rows in pack(list(lengths), batch_tokens)]
 
 
 def rank_tokens(lengths: Sequence[Sequence[int]], batch_tokens: int, world_size: int) -> RankTokens:

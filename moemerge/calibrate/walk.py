@@ -26,7 +26,8 @@ from moemerge.checkpoint.reader import CheckpointReader
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+"""Which decoder layer an on-disk tensor belongs to (the planner groups names the same way)."""
 
 
 @contextmanager
@@ -98,7 +99,7 @@ class LayerWalker:
         self._by_layer: dict[int, list[str]] = {}
         outside = []
         for name in self.reader.names():
-            match = _LAYER_INDEX.search(name)
+            match = LAYER_INDEX.search(name)
             if match:
                 self._by_layer.setdefault(int(match.group(1)), []).append(name)
             else:
