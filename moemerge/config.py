@@ -77,7 +77,10 @@ class CalibrateSection(_calibration_options()):  # type: ignore[misc]
 class Recipe(_Strict):
     """A stage-1 merge of K fine-tuned MoE checkpoints of one base (mergekit-compatible)."""
 
-    merge_method: str = Field(description="Stage-1 method, e.g. linear, task_arithmetic, ties, dare_ties, wudi.")
+    merge_method: str = Field(
+        description="Stage-1 method, e.g. linear, task_arithmetic, ties, dare_ties, wudi; regmean also reads "
+        "calibrate.domains (docs/EXPERTS.md)."
+    )
     base_model: str | None = Field(default=None, description="Path of the common base model (theta_0).")
     models: list[ModelEntry] = Field(min_length=1, description="The fine-tuned source models.")
     parameters: dict[str, ParameterValue] = Field(default_factory=dict, description="Method-wide parameters.")
@@ -120,6 +123,15 @@ class Recipe(_Strict):
             unknown = sorted(set(self.calibrate.domains) - set(self.source_paths))
             if unknown:
                 raise ValueError(f"calibrate.domains names {unknown[0]!r}, which is not one of models[].model")
+        return self
+
+    @model_validator(mode="after")
+    def _regmean_has_text(self) -> Recipe:
+        if self.merge_method == "regmean" and self.calibrate is None:
+            raise ValueError(
+                "merge_method regmean needs each source's calibration text: add calibrate.domains "
+                "(source model -> its domain's files); RegMean's options go in calibrate.regmean"
+            )
         return self
 
     @property

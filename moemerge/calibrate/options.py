@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moemerge.data import DataOptions
 
@@ -124,6 +124,11 @@ class CalibrationOptions(BaseModel):
         "routing and data (options: regmean section / flags; docs/EXPERTS.md).",
     )
     regmean: RegMeanOptions = Field(default_factory=RegMeanOptions)
+    routers: bool = Field(
+        True,
+        description="Re-solve every MoE router by HARC; off keeps the input model's routers (with experts: true, "
+        "RegMean only: what stage-1 `merge_method: regmean` runs).",
+    )
     harc: RouterSolveOptions = Field(default_factory=RouterSolveOptions)
     data: DataOptions = Field(default_factory=DataOptions)
     batch_tokens: int = Field(8192, ge=1, description="Tokens (padding included) per forward batch.")
@@ -138,3 +143,9 @@ class CalibrationOptions(BaseModel):
         "forward batch, activation storage dtype, preconditioner and (GPU) where hidden states live are planned "
         "to fit it, or the run stops before any work (docs/SCALING.md). None: no limit.",
     )
+
+    @model_validator(mode="after")
+    def _something_to_solve(self) -> CalibrationOptions:
+        if not (self.routers or self.experts):
+            raise ValueError("routers and experts are both off: nothing to calibrate")
+        return self

@@ -291,7 +291,7 @@ class Calibrator:
             info = moe.get(index)
             regmean = self.regmean.run_layer(index, layer) if self.regmean is not None else None
             done = self._layer_file(index)
-            if info is not None:
+            if info is not None and self.options.routers:
                 finished = self.ranks.on_writer(partial(_read_layer, done))  # rank 0's work folder, on every rank
                 if finished is not None:
                     tensors, summary = finished
@@ -317,14 +317,25 @@ class Calibrator:
                 state.hidden, _ = self._run_layer(layer, index, state, None)
             self.walker.release(index)
 
-    def write(self, out_dir: Path, overwrite: bool) -> Path:
-        """OUT = merged model with every MoE router replaced; every other tensor copied bit-identically.
+    def write(self, out_dir: Path, overwrite: bool, card: str | None = None) -> Path:
+        """OUT = merged model with every solved tensor replaced; every other tensor copied bit-identically.
 
-        Distributed, rank 0 writes (atomically) and the other ranks wait for it and share its outcome.
+        `card` replaces the default model card (stage-1 RegMean writes its own). Distributed, rank 0
+        writes (atomically) and the other ranks wait for it and share its outcome.
         """
-        return self.ranks.on_writer(partial(self._write, out_dir, overwrite))
+        return self.ranks.on_writer(partial(self._write, out_dir, overwrite, card))
 
-    def _write(self, out_dir: Path, overwrite: bool) -> Path:
+    def describe(self) -> str:
+        """What this run changes, in one sentence for the model card."""
+        solved = [
+            "every MoE router re-solved by HARC" if self.options.routers else "",
+            "its experts merged by routing-aware RegMean" if self.regmean is not None else "",
+        ]
+        if self.regmean is not None and self.options.regmean.linear_layers == "all":
+            solved[1] = "every linear layer of its decoder layers merged by RegMean (experts routing-aware)"
+        return f"Model `{self.merged}` with " + " and ".join(s for s in solved if s) + "."
+
+    def _write(self, out_dir: Path, overwrite: bool, card: str | None) -> Path:
         reader = self.walker.reader
         with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
             for name in reader.names():
@@ -343,16 +354,13 @@ class Calibrator:
             if self.regmean is not None:
                 report["regmean"] = self.regmean.report()
             writer.write_text(SUMMARY_FILE, json.dumps(report, indent=1))
-            writer.write_text(
-                "README.md",
-                model_card(
-                    recipe=json.dumps({"calibrate": self.options.model_dump(mode="json")}, indent=1),
-                    sources=[d.name for d in self.domains],
-                    base=None,
-                    summary=f"Stage-1 model `{self.merged}` with every MoE router re-solved by HARC"
-                    + (" and its experts merged by routing-aware RegMean." if self.regmean is not None else "."),
-                ),
+            card = card or model_card(
+                recipe=json.dumps({"calibrate": self.options.model_dump(mode="json")}, indent=1),
+                sources=[d.name for d in self.domains],
+                base=None,
+                summary=self.describe(),
             )
+            writer.write_text("README.md", card)
             return writer.finalize(expected=set(reader.names()))
 
 
@@ -365,8 +373,12 @@ def calibrate(
     work_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    card: str | None = None,
 ) -> Path:
-    """Write `out_dir` = `merged` with every MoE router re-solved by HARC on the domains' text."""
+    """Write `out_dir` = `merged` re-solved on the domains' text: routers by HARC, experts by RegMean if asked.
+
+    `card`: the output's model card, when the caller describes the run itself (stage-1 RegMean).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ValueError(f"{out_dir}: output exists; pass overwrite to replace it")
@@ -376,4 +388,4 @@ def calibrate(
     if progress and calibrator.ranks.is_writer:
         print(calibrator.plan.describe(), file=sys.stderr)
     calibrator.run(progress=progress)
-    return calibrator.write(out_dir, overwrite)
+    return calibrator.write(out_dir, overwrite, card)

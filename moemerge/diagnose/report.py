@@ -2,7 +2,9 @@
 
 A `Report` holds one `Evaluation` per (model, domain): a candidate on every domain, each candidate
 with the domain's source routers swapped in (`oracle` rows, when asked for), and every source on its
-own domain (the reference). `headline_table` is the part meant for a model card.
+own domain (the reference), plus a `Calibration` per candidate that `moemerge calibrate` wrote (what
+its summary file says about each MoE layer's router solve and expert merge). `headline_table` is the
+part meant for a model card.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import json
 import math
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from moemerge import __version__
 from moemerge.diagnose.metrics import LayerRouting
@@ -43,6 +45,17 @@ HELDOUT_METHOD = (
     "disjoint from the calibration samples of the same options; tokenised with the source model's tokenizer."
 )
 RECOVERED_METHOD = "recovered = (loss_stage1 - loss_model) / (loss_stage1 - loss_source), per domain"
+CALIBRATION_METHOD = (
+    "Calibration records: what `moemerge calibrate` wrote to each calibrated candidate's "
+    "moemerge_calibration.json, per MoE layer, as written. HARC: CG iterations of the router solve and whether "
+    "its relative residual reached the tolerance. Experts (routing-aware RegMean): an expert is calibrated when "
+    "some source routes at least min_tokens calibration tokens to it, else it keeps its stage-1 weights; "
+    "fallbacks counts expert projections (gate/up, down) whose Gram was rank deficient and were solved with a "
+    "ridge towards stage 1. Tokens: the calibration tokens each source's own router, in that source's own forward "
+    "pass over its own domain's calibration text, routes to each expert (top-k membership: a token counts once "
+    "for each of its k experts, so a source's total is k x its calibration tokens); min/median/max over the "
+    "layer's experts. Dense linear layers (linear_layers: all) are in the file only."
+)
 
 
 @dataclass(frozen=True)
@@ -87,9 +100,132 @@ class Evaluation:
         return sum(layer.kl for layer in self.layers) / len(self.layers)
 
 
+@dataclass(frozen=True)
+class HarcSolve:
+    """The HARC router solve of one MoE layer, as the calibration summary records it."""
+
+    iterations: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Calibration tokens one source routes to each expert of a layer, summarised over the experts."""
+
+    total: int
+    min: int
+    median: float
+    max: int
+    zero: int  # experts the source routes no token to
+
+
+@dataclass(frozen=True)
+class ExpertsCalibration:
+    """Routing-aware RegMean of one MoE layer's experts: what was re-solved and from how much data."""
+
+    calibrated: int
+    kept_stage1: int
+    fallbacks: int
+    min_tokens: int
+    tokens: dict[str, TokenCounts]  # source model folder, as the calibration run named it -> counts
+
+
+@dataclass(frozen=True)
+class LayerCalibration:
+    """One MoE layer of a calibrated model; either part is None where that run did not solve it."""
+
+    layer: int
+    harc: HarcSolve | None
+    experts: ExpertsCalibration | None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A candidate's calibration summary (`moemerge calibrate`'s SUMMARY_FILE), one record per MoE layer."""
+
+    file: str
+    layers: list[LayerCalibration]
+
+    @property
+    def has_harc(self) -> bool:
+        return any(layer.harc is not None for layer in self.layers)
+
+    @property
+    def has_experts(self) -> bool:
+        return any(layer.experts is not None for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        layers = []
+        for layer in data["layers"]:
+            harc = HarcSolve(**layer["harc"]) if layer["harc"] is not None else None
+            experts = layer["experts"]
+            if experts is not None:
+                tokens = {source: TokenCounts(**counts) for source, counts in experts["tokens"].items()}
+                experts = ExpertsCalibration(**{**experts, "tokens": tokens})
+            layers.append(LayerCalibration(layer["layer"], harc, experts))
+        return cls(data["file"], layers)
+
+    @classmethod
+    def from_summary(cls, summary: Any, file: str) -> Calibration:
+        """Parse a calibration summary: `layers` (HARC, per MoE layer) and `regmean.layers` (experts).
+
+        Raises ValueError naming the field that is missing or of the wrong type, so that a report
+        never shows numbers taken from a file it only half understood.
+        """
+        harc: dict[int, HarcSolve] = {}
+        for i, layer in enumerate(_field(summary, "layers", list, "")):
+            where = f"layers[{i}]"
+            index = _field(layer, "layer", int, where)
+            harc[index] = HarcSolve(_field(layer, "iterations", int, where), _field(layer, "converged", bool, where))
+        experts: dict[int, ExpertsCalibration] = {}
+        if isinstance(summary, dict) and "regmean" in summary:
+            for key, layer in _field(summary["regmean"], "layers", dict, "regmean").items():
+                where = f"regmean.layers.{key}"
+                if not isinstance(layer, dict):
+                    raise ValueError(f"{where}: expected an object, got {layer!r}")
+                if "experts" not in layer:
+                    continue  # a dense layer (linear_layers: all)
+                if not key.isdigit():
+                    raise ValueError(f"{where}: expected a layer index as key")
+                record, where = layer["experts"], f"{where}.experts"
+                tokens = {}
+                for source, counts in _field(record, "tokens", dict, where).items():
+                    at = f"{where}.tokens[{source!r}]"
+                    values = {name: _field(counts, name, int, at) for name in ("total", "min", "max", "zero")}
+                    tokens[source] = TokenCounts(median=float(_field(counts, "median", (int, float), at)), **values)
+                experts[int(key)] = ExpertsCalibration(
+                    *(_field(record, name, int, where) for name in ("calibrated", "kept_stage1", "fallbacks")),
+                    min_tokens=_field(record, "min_tokens", int, where),
+                    tokens=tokens,
+                )
+        layers = [LayerCalibration(i, harc.get(i), experts.get(i)) for i in sorted(harc.keys() | experts.keys())]
+        return cls(file, layers)
+
+
+def _field(record: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """record[key], checked to be of `kind` (a bool is not a number here); ValueError naming the field."""
+    name = f"{where}.{key}" if where else key
+    if not isinstance(record, dict):
+        raise ValueError(f"{where or 'top level'}: expected an object, got {type(record).__name__}")
+    if key not in record:
+        raise ValueError(f"{name}: missing")
+    value = record[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
 @dataclass
 class Report:
-    """Everything `diagnose` measured; `to_dict` is report.json."""
+    """Everything `diagnose` measured; `to_dict` is report.json.
+
+    `calibrations`: candidate name -> its calibration summary, for candidates `moemerge calibrate` wrote.
+    """
 
     router_kind: str
     kl: str
@@ -99,6 +235,7 @@ class Report:
     evaluations: list[Evaluation]
     options: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
 
     def get(self, model: str, domain: str, role: Role = "candidate") -> Evaluation:
         for evaluation in self.evaluations:
@@ -138,12 +275,14 @@ class Report:
                 "loss": LOSS_METHOD,
                 "recovered": RECOVERED_METHOD,
                 "heldout": HELDOUT_METHOD,
+                "calibration": CALIBRATION_METHOD,
             },
             "stage1": self.stage1,
             "candidates": self.candidates,
             "domains": [vars(d) for d in self.domains],
             "options": self.options,
             "warnings": self.warnings,
+            "calibrations": {name: c.to_dict() for name, c in self.calibrations.items()},
             "evaluations": [
                 {
                     "model": e.model,
@@ -186,6 +325,7 @@ class Report:
             evaluations=evaluations,
             options=data.get("options", {}),
             warnings=data.get("warnings", []),
+            calibrations={name: Calibration.from_dict(c) for name, c in data.get("calibrations", {}).items()},
         )
 
 
@@ -245,8 +385,66 @@ def headline_note(report: Report) -> str:
     )
 
 
+def _count(value: float) -> str:
+    """A token count; the median over an even number of experts can end in .5."""
+    return str(int(value)) if value == int(value) else f"{value:.1f}"
+
+
+def _source_label(report: Report, source: str) -> str:
+    """A calibration source by the report's name for its domain (same folder), else by its folder as recorded."""
+    for domain in report.domains:
+        if source == domain.source or Path(source).resolve() == Path(domain.source).resolve():
+            return domain.name
+    return f"`{source}`"
+
+
+def calibration_table(report: Report, calibration: Calibration) -> str:
+    """Markdown: one row per MoE layer; expert columns if its experts were calibrated, HARC columns if its routers."""
+    sources = list(dict.fromkeys(s for layer in calibration.layers if layer.experts for s in layer.experts.tokens))
+    header = ["layer"]
+    if calibration.has_experts:
+        header += ["experts calibrated", "kept stage 1", "fallbacks"]
+        for label in (_source_label(report, source) for source in sources):
+            header += [f"{label} tokens", f"{label} tokens per expert (min / median / max)"]
+    if calibration.has_harc:
+        header += ["HARC iterations", "converged"]
+    rows = []
+    for layer in calibration.layers:
+        row = [str(layer.layer)]
+        experts = layer.experts
+        if experts is not None:
+            row += [str(experts.calibrated), str(experts.kept_stage1), str(experts.fallbacks)]
+            for source in sources:
+                t = experts.tokens.get(source)
+                row += ["—", "—"] if t is None else [str(t.total), f"{t.min} / {_count(t.median)} / {t.max}"]
+        elif calibration.has_experts:
+            row += ["—"] * (3 + 2 * len(sources))
+        if layer.harc is not None:
+            row += [str(layer.harc.iterations), "yes" if layer.harc.converged else "**no**"]
+        elif calibration.has_harc:
+            row += ["—", "—"]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def calibration_section(report: Report) -> list[str]:
+    """report.md lines: a table per calibrated candidate (none if no candidate has a calibration summary)."""
+    if not report.calibrations:
+        return []
+    lines = ["## Calibration", "", CALIBRATION_METHOD, ""]
+    for model, calibration in report.calibrations.items():
+        lines += [f"### Calibration of {model}", ""]
+        min_tokens = sorted({layer.experts.min_tokens for layer in calibration.layers if layer.experts})
+        source = f"From `{calibration.file}`" + (f"; min_tokens {', '.join(map(str, min_tokens))}." if min_tokens else ".")
+        if calibration.layers:
+            lines += [source, "", calibration_table(report, calibration), ""]
+        else:
+            lines += [f"{source} It records no MoE layer.", ""]
+    return lines
+
+
 def markdown(report: Report, plots: list[str] = ()) -> str:
-    """report.md: the headline first, then setup, loss, per-layer routing, and the plots."""
+    """report.md: the headline first, then setup, loss, per-layer routing, calibration records, and the plots."""
     lines = ["# Routing diagnostics", "", "## Headline", "", headline_table(report), "", headline_note(report), ""]
     lines += [f"**Warning:** {warning}" + "\n" for warning in report.warnings]
     lines += ["## Setup", "", f"- {ROUTING_METHOD}", f"- Router kind: `{report.router_kind}`; KL: {report.kl}."]
@@ -309,6 +507,7 @@ def markdown(report: Report, plots: list[str] = ()) -> str:
         header = ["layer", "model", "agreement", "exact match", "KL", "load entropy / max"]
         lines += [_table(header, rows), ""]
     lines += ["Per-expert loads are in report.json and in the expert-load heat maps.", ""]
+    lines += calibration_section(report)
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)

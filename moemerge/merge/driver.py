@@ -395,6 +395,11 @@ def merge_checkpoints(
         raise MergeError(f"{out_dir}: the output folder is one of the input models")
     shard_bytes = parse_size(max_shard_bytes)
     device = resolve_device(device)
+    if recipe.merge_method == "regmean":  # needs activations: a per-tensor merge, then the calibration walk
+        from moemerge.merge.regmean import merge_regmean
+
+        settings = {"device": device, "max_shard_bytes": shard_bytes, "progress": progress}
+        return merge_regmean(recipe, out_dir, overwrite=overwrite, recipe_text=recipe_text, **settings)
 
     plan = plan_merge(recipe)
 
