@@ -188,7 +188,9 @@ def get_method(name: str) -> MergeMethod:
         return _METHODS[name]
     except KeyError:
         if name == "regmean":
-            raise ValueError("regmean reads calibration text, it is not a per-tensor kernel: run merge_checkpoints")
+            raise ValueError(
+                "regmean reads calibration text, it is not a per-tensor kernel: run merge_checkpoints"
+            ) from None
         raise ValueError(f"unknown merge method {name!r}; known: {', '.join(method_names())}") from None
 
 

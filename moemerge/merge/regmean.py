@@ -98,7 +98,12 @@ def merge_regmean(
         LOG.info("%s: reusing the %s merge of an earlier run", rest_model, step1.merge_method)
     else:
         merge_checkpoints(
-            step1, rest_model, device=device, max_shard_bytes=max_shard_bytes, progress=progress, recipe_text=recipe_text
+            step1,
+            rest_model,
+            device=device,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+            recipe_text=recipe_text,
         )
     summary = (
         f"Stage-1 merge of {len(plan.sources)} model(s) with `regmean`: every linear layer of the decoder layers "
