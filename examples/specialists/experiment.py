@@ -4,7 +4,8 @@
 
 Per family (a folder of checkpoints/ built by build.py):
 
-1. stage 1 with every method of `moemerge.merge.registry.method_names()` (parameters in METHOD_PARAMETERS);
+1. stage 1 with every method of `moemerge.merge.registry.method_names()` and `regmean` (parameters in
+   METHOD_PARAMETERS);
 2. stage 2: HARC (gamma 0.9) on each stage-1 model, with the demo's calibration text; and the same
    calibration with `experts: true` (routing-aware RegMean of the experts, then HARC, in one walk);
 3. diagnose: the stage-1 models with oracle routers (the source's routers swapped in: the ceiling of
@@ -48,8 +49,11 @@ METHOD_PARAMETERS: dict[str, dict] = {
     "della_linear": {"density": 0.5, "epsilon": 0.15},
     "wudi": {},
     "wudi_exact": {},
+    # RegMean of every linear layer on each source's calibration text (the calibrate section's), the rest
+    # (embeddings, norms, head, routers) by its default rest rule: linear, i.e. the average
+    "regmean": {},
 }
-FAMILIES = ("olmoe", "glm4_moe")
+FAMILIES = ("olmoe", "glm4_moe", "olmoe-full")  # olmoe-full: the OLMoE specialists built with build.py --mode full
 SWEEP_METHOD = "task_arithmetic"
 SWEEP_GAMMA = (0.5, 0.9, 1.0, 1.5)
 SWEEP_SAMPLES = (8, 16, 32)  # 32 is all a domain has once its 32 held-out samples are set aside
@@ -120,7 +124,8 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
     root.mkdir(parents=True)
     domains = _domains(family)
     options = _options()
-    result: dict = {"family": family, "methods": {}, "failures": [], "times": {}, "sweep": {}}
+    mode = json.loads((HERE / "checkpoints" / family / "build_log.json").read_text())["mode"]
+    result: dict = {"family": family, "mode": mode, "methods": {}, "failures": [], "times": {}, "sweep": {}}
     stage1, harc, experts = {}, {}, {}
     for method in methods:
         entry: dict = {"parameters": METHOD_PARAMETERS.get(method, {})}
@@ -211,6 +216,13 @@ def _copy_plots(report_dir: Path, family: str, tag: str) -> None:
 # ------------------------------------------------------------------------------------------- report
 
 
+MODES = {
+    "esft": "expert-specialised fine-tunes (`build.py --mode esft`: per domain 3 of 8 experts per layer and the "
+    "routers trained, everything else frozen at the base).",
+    "full": "full fine-tunes (`build.py --mode full`: every weight trained, attention included).",
+}
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
@@ -221,13 +233,11 @@ def _fractions(result: dict, method: str, stage2: str = " + HARC") -> tuple[floa
     rows = result["rows"]
     if method + stage2 not in rows or method not in rows:
         return None, None
-    oracle, gap = [], []
+    oracle = []
     for d in DOMAINS:
-        l1, lh = rows[method][d]["loss"], rows[method + stage2][d]["loss"]
-        lo, ls = rows[f"{method} + oracle routers"][d]["loss"], result["sources"][d]["loss"]
+        l1, lh, lo = (rows[name][d]["loss"] for name in (method, method + stage2, f"{method} + oracle routers"))
         oracle.append((l1 - lh) / (l1 - lo) if abs(l1 - lo) > 1e-6 else float("nan"))
-        gap.append((l1 - lh) / (l1 - ls) if abs(l1 - ls) > 1e-6 else float("nan"))
-    return _mean(oracle), _mean(gap)
+    return _mean(oracle), _gap(result, method, method + stage2)
 
 
 def _row(name: str, cells: list[str]) -> str:
@@ -240,6 +250,8 @@ def family_markdown(result: dict) -> list[str]:
     header = "| model | " + " | ".join(DOMAINS) + " | mean |\n|---|" + "---:|" * (len(DOMAINS) + 1)
     lines = [f"## {family}", ""]
     lines += [
+        f"Specialists: {MODES[result['mode']]}",
+        "",
         f"Held-out tokens per domain: {result['heldout_tokens']}; calibration tokens per domain: "
         f"{result['calibration_tokens']}.",
         "",
@@ -365,12 +377,12 @@ def headline(result: dict) -> str:
         else f"below the base ({base:.3f}) on mean held-out loss"
     )
     return (
-        f"- **{result['family']}**, {m} (lambda 1): mean held-out loss {mean(m):.3f} against base "
+        f"- **{result['family']}** ({result['mode']}), {m} (lambda 1): mean held-out loss {mean(m):.3f} against base "
         f"{base:.3f} and specialists on their own domains {own:.3f}; top-1 agreement with the "
         f"specialists {spread(m)}. Oracle routers reach {mean(m + ' + oracle routers'):.3f}; HARC reaches "
         f"{mean(m + ' + HARC'):.3f} with agreement {spread(m + ' + HARC')}, i.e. {oracle:.2f} of the oracle gain "
         f"and {gap:.2f} of the stage-1-to-specialist gap (the rest lies in the merged experts). "
-        f"{_experts_line(result)} Best merged model: {best} ({merged[best]:.3f}); {verdict}."
+        f"{_experts_line(result)} {_regmean_line(result)} Best merged model: {best} ({merged[best]:.3f}); {verdict}."
     )
 
 
@@ -397,7 +409,42 @@ def _experts_spread(result: dict) -> str:
     rows = result["rows"]
     names = [f"{m} + experts + HARC" for m in result["methods"] if f"{m} + experts + HARC" in rows]
     losses = [_mean(rows[name][d]["loss"] for d in DOMAINS) for name in names]
-    return f"Over the {len(losses)} stage-1 methods, + experts + HARC spans {min(losses):.4f}-{max(losses):.4f}."
+    text = f"Over the {len(losses)} stage-1 methods, + experts + HARC spans {min(losses):.4f}-{max(losses):.4f}"
+    if result["mode"] == "esft":
+        text += (
+            " (one model whatever stage 1 did: these specialists differ from the base only in experts and routers, "
+            "so every method leaves the other weights at the base; RegMean re-solves each expert from the sources' "
+            "own activations, which stage 1 does not enter unless an expert falls back; and HARC's least-squares "
+            "solution does not depend on its start point)"
+        )
+    return text + "."
+
+
+def _regmean_line(result: dict) -> str:
+    """The headline's sentence on `regmean` (every linear layer) against experts-only RegMean on the average."""
+    rows = result["rows"]
+    names = ["linear", "linear + experts + HARC", "regmean", "regmean + HARC", "regmean + experts + HARC"]
+    if any(n not in rows for n in names):
+        return "regmean: not run or failed (see Failures)."
+    loss = {n: _mean(rows[n][d]["loss"] for d in DOMAINS) for n in names}
+    gap = {n: _gap(result, "linear", n) for n in names[1:]}
+    return (
+        "Against the average (`linear`, "
+        f"{loss['linear']:.3f}), the share of its gap to the specialists closed: experts only (linear + experts + "
+        f"HARC) {gap['linear + experts + HARC']:.2f} ({loss['linear + experts + HARC']:.3f}); every linear layer, "
+        f"stage-1 `regmean` {gap['regmean']:.2f} ({loss['regmean']:.3f}), + HARC {gap['regmean + HARC']:.2f} "
+        f"({loss['regmean + HARC']:.3f}), + experts + HARC {gap['regmean + experts + HARC']:.2f} "
+        f"({loss['regmean + experts + HARC']:.3f})."
+    )
+
+
+def _gap(result: dict, start: str, end: str) -> float:
+    """Mean over domains of (L_start - L_end) / (L_start - L_specialist): the share of the gap `end` closes."""
+    rows, gaps = result["rows"], []
+    for d in DOMAINS:
+        l1, l2, ls = rows[start][d]["loss"], rows[end][d]["loss"], result["sources"][d]["loss"]
+        gaps.append((l1 - l2) / (l1 - ls) if abs(l1 - ls) > 1e-6 else float("nan"))
+    return _mean(gaps)
 
 
 def write_results() -> Path:
@@ -429,7 +476,7 @@ def write_results() -> Path:
     lines += [
         "Not run: calibration sets above 32 samples per domain (the shipped evaluation pool holds 64 samples "
         "per domain, 32 of them held out), other method parameters (one setting per method, listed above), "
-        "and specialists built with `--mode full`.",
+        "and GLM-4-MoE specialists built with `--mode full` (full fine-tunes: OLMoE only, `olmoe-full`).",
         "",
     ]
     for result in results:
@@ -445,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", nargs="+", default=list(FAMILIES))
     parser.add_argument("--report-only", action="store_true", help="Only rewrite RESULTS.md from results/*.json.")
-    parser.add_argument("--methods", nargs="+", default=list(method_names()))
+    parser.add_argument("--methods", nargs="+", default=[*method_names(), "regmean"])
     parser.add_argument("--work", type=Path, default=Path("out/specialists-experiment"))
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: run one family per core)")
