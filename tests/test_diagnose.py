@@ -1,4 +1,5 @@
-"""diagnose: routing metrics on hand-computed cases, loss equal to transformers', the CLI end to end, oracle routers."""
+"""diagnose: routing metrics on hand-computed cases, loss equal to transformers', the CLI end to end, oracle routers,
+calibration summaries carried into the report."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from conftest import make_specialists
 
 from moemerge.architectures.layout import load_layout
 from moemerge.architectures.records import RouterKind
-from moemerge.calibrate.runner import SUMMARY_FILE, Domain
+from moemerge.calibrate.options import CalibrationOptions
+from moemerge.calibrate.runner import SUMMARY_FILE, Domain, calibrate
 from moemerge.checkpoint.card import model_card
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.checkpoint.writer import CheckpointWriter
 from moemerge.cli import main
 from moemerge.data import DataOptions, batches
-from moemerge.diagnose.evaluate import heldout_text
+from moemerge.diagnose.evaluate import evaluate, heldout_text
 from moemerge.diagnose.metrics import RoutingTally, expert_load, load_entropy, routing_kl
 from moemerge.diagnose.options import DiagnoseOptions
-from moemerge.diagnose.report import headline_table, load_report
+from moemerge.diagnose.report import Calibration, Report, calibration_table, headline_table, load_report
 
 DATA = ["--max-length", "64", "--heldout", "4", "--batch-tokens", "256"]
 OPTIONS = DiagnoseOptions(data=DataOptions(max_length=64, heldout=4), batch_tokens=256)
@@ -87,7 +89,8 @@ def test_expert_load_and_entropy_of_a_known_assignment() -> None:
 def _with_routers_of(body: Path, routers: Path, out: Path) -> Path:
     """`body` with every router tensor (weight, bias, selection bias) replaced by `routers`' own.
 
-    Its model card says it was calibrated without held-out text, which diagnose must warn about.
+    Its calibration summary records router solves only (made-up iterations, layer 1 not converged), and its
+    model card says it was calibrated without held-out text, which diagnose must warn about.
     """
     layout = load_layout(body)
     swapped = layout.router_tensors | layout.selection_biases
@@ -97,7 +100,8 @@ def _with_routers_of(body: Path, routers: Path, out: Path) -> Path:
             writer.add(name, (take if name in swapped else keep).read(name))
         writer.copy_support_files(body)
         recipe = json.dumps({"calibrate": {"data": {"heldout": 0, "seed": 0}}})
-        writer.write_text(SUMMARY_FILE, "{}")
+        harc = [{"layer": m.index, "iterations": 5 + m.index, "converged": m.index != 1} for m in layout.moe_layers]
+        writer.write_text(SUMMARY_FILE, json.dumps({"layers": harc}))
         writer.write_text("README.md", model_card(recipe=recipe, sources=[str(routers)], base=None, summary="test"))
         writer.finalize()
     return out
@@ -105,13 +109,17 @@ def _with_routers_of(body: Path, routers: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def diagnosed(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One CLI run: candidates average, source0, average-with-source0's-routers; oracle routers on."""
+    """One CLI run: candidates average, source0, average-with-source0's-routers, and average calibrated with
+    experts (min_tokens 400: some experts of each layer are kept at stage 1); oracle routers on."""
     root = tmp_path_factory.mktemp("diagnose")
     setup = make_specialists("olmoe", root)
     setup["hybrid"] = _with_routers_of(setup["average"], setup["sources"][0], root / "hybrid")
+    calibration = CalibrationOptions(experts=True, regmean={"min_tokens": 400}, data=OPTIONS.data, batch_tokens=256)
+    domains = [Domain(str(s), (str(f),)) for s, f in zip(setup["sources"], setup["data"], strict=True)]
+    setup["calibrated"] = calibrate(str(setup["average"]), domains, root / "calibrated", calibration, progress=False)
     setup["out"] = root / "report"
     argv = ["diagnose", "-o", str(setup["out"]), "--oracle-routers", "--quiet", *DATA]
-    for model in (setup["average"], setup["sources"][0], setup["hybrid"]):
+    for model in (setup["average"], setup["sources"][0], setup["hybrid"], setup["calibrated"]):
         argv += ["--model", str(model)]
     for source, data in zip(setup["sources"], setup["data"], strict=True):
         argv += ["--source", str(source), "--data", f"{source}={data}"]
@@ -129,6 +137,7 @@ def test_cli_writes_report_markdown_and_plots(diagnosed: dict) -> None:
         "expert_load_average",
         "expert_load_source0",
         "expert_load_hybrid",
+        "expert_load_calibrated",
     ]
     assert pngs == sorted(f"{name}.png" for name in expected)
     for png in out.glob("*.png"):
@@ -146,6 +155,8 @@ def test_cli_writes_report_markdown_and_plots(diagnosed: dict) -> None:
         ("source0 + oracle routers", "oracle"),
         ("hybrid", "candidate"),
         ("hybrid + oracle routers", "oracle"),
+        ("calibrated", "candidate"),
+        ("calibrated + oracle routers", "oracle"),
     ]
     layout = load_layout(diagnosed["average"])
     for domain, source, files in zip(report.domains, diagnosed["sources"], diagnosed["data"], strict=True):
@@ -216,6 +227,89 @@ def test_loss_equals_transformers_forward_with_labels(diagnosed: dict) -> None:
             assert evaluation.loss == pytest.approx(total / count, abs=1e-5)
             assert evaluation.perplexity == pytest.approx(math.exp(total / count), rel=1e-4)
     assert padded > 0, "no held-out batch has padding: the test would not check that padding is excluded"
+
+
+def test_report_carries_the_calibration_summaries(diagnosed: dict) -> None:
+    """Per MoE layer, the numbers calibrate wrote (experts and HARC), in report.json and as report.md rows."""
+    report = load_report(diagnosed["out"])
+    assert list(report.calibrations) == ["hybrid", "calibrated"]  # average and source0 have no summary file
+    assert Report.from_dict(report.to_dict()).calibrations == report.calibrations
+    calibrated = diagnosed["calibrated"]
+    summary = json.loads((calibrated / SUMMARY_FILE).read_text())
+    record = report.calibrations["calibrated"]
+    assert record.file == str(calibrated / SUMMARY_FILE)
+    moe = load_layout(calibrated).moe_layers
+    assert [layer.layer for layer in record.layers] == [info.index for info in moe]
+    markdown = (diagnosed["out"] / "report.md").read_text()
+    sources = [str(s) for s in diagnosed["sources"]]
+    kept = 0
+    for layer, info, harc in zip(record.layers, moe, summary["layers"], strict=True):
+        written = summary["regmean"]["layers"][str(info.index)]["experts"]
+        experts = layer.experts
+        assert (experts.calibrated, experts.kept_stage1, experts.fallbacks) == (
+            written["calibrated"],
+            written["kept_stage1"],
+            written["fallbacks"],
+        )
+        assert experts.calibrated + experts.kept_stage1 == info.num_experts
+        kept += experts.kept_stage1
+        assert (layer.harc.iterations, layer.harc.converged) == (harc["iterations"], harc["converged"])
+        cells = [str(info.index), str(written["calibrated"]), str(written["kept_stage1"]), str(written["fallbacks"])]
+        for source, domain in zip(sources, report.domains, strict=True):
+            counts = written["tokens"][source]
+            assert vars(experts.tokens[source]) == counts
+            # top-k membership: every calibration token of the domain counts once for each of its k experts
+            routed = harc["domains"][source]["tokens"]
+            assert counts["total"] == info.top_k * domain.calibration_tokens == info.top_k * routed
+            cells += [str(counts["total"]), f"{counts['min']} / {counts['median']:g} / {counts['max']}"]
+        cells += [str(harc["iterations"]), "yes" if harc["converged"] else "**no**"]
+        assert "| " + " | ".join(cells) + " |" in markdown
+    assert 0 < kept < sum(info.num_experts for info in moe), "min_tokens should keep some experts, not all"
+
+    section = markdown[markdown.index("### Calibration of calibrated") :]
+    assert section.startswith(f"### Calibration of calibrated\n\nFrom `{calibrated / SUMMARY_FILE}`; min_tokens 400.")
+    per_source = [f"{d} tokens | {d} tokens per expert (min / median / max)" for d in ("source0", "source1")]
+    header = " | ".join(["| layer | experts calibrated | kept stage 1 | fallbacks", *per_source, "HARC iterations"])
+    assert f"{header} | converged |\n" in section
+    # routers only: HARC columns alone; no summary file: no section
+    hybrid = markdown[markdown.index("### Calibration of hybrid") : markdown.index("### Calibration of calibrated")]
+    rows = [f"| {info.index} | {5 + info.index} | {'**no**' if info.index == 1 else 'yes'} |" for info in moe]
+    assert "| layer | HARC iterations | converged |\n|---|---:|---:|\n" + "\n".join(rows) in hybrid
+    assert "### Calibration of average" not in markdown and "### Calibration of source0" not in markdown
+
+
+def test_experts_only_summary_has_no_harc_columns(diagnosed: dict) -> None:
+    """routers: false (stage-1 merge_method: regmean): no HARC layers; dense layers (linear_layers: all) skipped."""
+    summary = json.loads((diagnosed["calibrated"] / SUMMARY_FILE).read_text())
+    summary["layers"] = []
+    summary["regmean"]["layers"]["7"] = {"linears": {"calibrated": 4, "fallbacks": 0}}
+    record = Calibration.from_summary(summary, "summary.json")
+    written = summary["regmean"]["layers"]
+    assert [(layer.layer, layer.harc) for layer in record.layers] == [(int(i), None) for i in written if i != "7"]
+    assert [layer.experts.kept_stage1 for layer in record.layers] == [
+        layer["experts"]["kept_stage1"] for i, layer in written.items() if i != "7"
+    ]
+    table = calibration_table(load_report(diagnosed["out"]), record)
+    assert "HARC" not in table and "converged" not in table and table.count("\n") == 1 + len(record.layers)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"layers": [', "Expecting value"),
+        ("{}", "layers: missing"),
+        ('{"layers": [{"layer": 0, "iterations": 3}]}', "layers[0].converged: missing"),
+        ('{"layers": [{"layer": 0, "iterations": true, "converged": true}]}', "layers[0].iterations: expected int"),
+        ('{"layers": [], "regmean": {"layers": {"1": {"experts": {"calibrated": 4}}}}}', "regmean.layers.1.experts."),
+    ],
+)
+def test_unreadable_calibration_summary_is_an_error_naming_it(tmp_path: Path, text: str, problem: str) -> None:
+    model = tmp_path / "calibrated"
+    model.mkdir()
+    (model / SUMMARY_FILE).write_text(text)
+    with pytest.raises(ValueError, match="not a readable moemerge calibration summary") as raised:
+        evaluate([str(model)], [Domain(str(tmp_path / "source"), ("unused.jsonl",))], OPTIONS, progress=False)
+    assert str(raised.value).startswith(f"{model / SUMMARY_FILE}: ") and problem in str(raised.value)
 
 
 def test_existing_report_folder_is_an_error(diagnosed: dict, capsys: pytest.CaptureFixture) -> None:

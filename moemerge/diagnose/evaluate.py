@@ -23,6 +23,7 @@ from the source's activations: what the model really does on the text.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,15 @@ from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.data import Batch, DataOptions, TokenizedDomain, batches, load_domain
 from moemerge.diagnose.metrics import RoutingTally, kl_description
 from moemerge.diagnose.options import DiagnoseOptions
-from moemerge.diagnose.report import ORACLE_SUFFIX, DomainInfo, Evaluation, Report, Role, write_report
+from moemerge.diagnose.report import (
+    ORACLE_SUFFIX,
+    Calibration,
+    DomainInfo,
+    Evaluation,
+    Report,
+    Role,
+    write_report,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -177,6 +186,17 @@ def _split_warnings(candidates: Mapping[str, str], data: DataOptions) -> list[st
                 f"evaluates heldout={data.heldout}, seed={data.seed}: its held-out text may include calibration text"
             )
     return warnings
+
+
+def _read_calibration(model_dir: str) -> Calibration | None:
+    """What `moemerge calibrate` recorded in a model folder; None for a model it did not write (no summary file)."""
+    path = Path(model_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Calibration.from_summary(json.loads(path.read_text()), str(path))
+    except ValueError as err:  # also json.JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path}: not a readable moemerge calibration summary: {err}") from err
 
 
 def _router_tensors(model: torch.nn.Module, info: MoeLayer) -> dict[str, torch.Tensor]:
@@ -364,7 +384,9 @@ def evaluate(
     """Measure every candidate (and every source, as the reference) on each domain's held-out text.
 
     `candidates`: model folders (named by folder name) or a mapping name -> folder. The first is
-    stage 1 unless `options.stage1` names another (by name or by the path as given).
+    stage 1 unless `options.stage1` names another (by name or by the path as given). A candidate that
+    `moemerge calibrate` wrote gets its calibration summary in `Report.calibrations` (read first: a
+    malformed summary stops the run before any model is evaluated).
     """
     options = options or DiagnoseOptions()
     if not options.data.heldout:
@@ -390,6 +412,7 @@ def evaluate(
     warnings = _split_warnings(named, options.data)
     for warning in warnings:
         logger.warning(warning)
+    calibrations = {name: _read_calibration(path) for name, path in named.items()}  # before any model runs
     sources = [str(d.source) for d in domains]
     if len(set(sources)) != len(sources):
         raise ValueError("a source model is given twice; give each source once with all its domain's files")
@@ -427,6 +450,7 @@ def evaluate(
         evaluations=evaluations,
         options=options.model_dump(mode="json"),
         warnings=warnings,
+        calibrations={name: c for name, c in calibrations.items() if c is not None},
     )
 
 

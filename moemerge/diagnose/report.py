@@ -46,15 +46,15 @@ HELDOUT_METHOD = (
 )
 RECOVERED_METHOD = "recovered = (loss_stage1 - loss_model) / (loss_stage1 - loss_source), per domain"
 CALIBRATION_METHOD = (
-    "Calibration records: what `moemerge calibrate` wrote to each calibrated candidate's "
-    "moemerge_calibration.json, per MoE layer, as written. HARC: CG iterations of the router solve and whether "
-    "its relative residual reached the tolerance. Experts (routing-aware RegMean): an expert is calibrated when "
-    "some source routes at least min_tokens calibration tokens to it, else it keeps its stage-1 weights; "
-    "fallbacks counts expert projections (gate/up, down) whose Gram was rank deficient and were solved with a "
-    "ridge towards stage 1. Tokens: the calibration tokens each source's own router, in that source's own forward "
-    "pass over its own domain's calibration text, routes to each expert (top-k membership: a token counts once "
-    "for each of its k experts, so a source's total is k x its calibration tokens); min/median/max over the "
-    "layer's experts. Dense linear layers (linear_layers: all) are in the file only."
+    "From each calibrated candidate's moemerge_calibration.json, as `moemerge calibrate` wrote it, per MoE layer. "
+    "HARC: CG iterations of the router solve; converged: its relative residual reached the tolerance. Experts "
+    "(routing-aware RegMean): an expert is calibrated when some source routes at least min_tokens calibration "
+    "tokens to it, else it keeps its stage-1 weights; fallbacks: projections (gate/up, down) of calibrated experts "
+    "whose Gram was rank deficient, solved with a ridge towards stage 1. Tokens: calibration tokens each source's "
+    "own router routes to each expert, in that source's own forward pass over its own domain's calibration text "
+    "(top-k membership: a token counts once for each of its k experts, so a source's total is k × its calibration "
+    "tokens); min / median / max over the layer's experts. Linear layers merged with linear_layers: all are in the "
+    "file only."
 )
 
 
@@ -435,11 +435,13 @@ def calibration_section(report: Report) -> list[str]:
     for model, calibration in report.calibrations.items():
         lines += [f"### Calibration of {model}", ""]
         min_tokens = sorted({layer.experts.min_tokens for layer in calibration.layers if layer.experts})
-        source = f"From `{calibration.file}`" + (f"; min_tokens {', '.join(map(str, min_tokens))}." if min_tokens else ".")
-        if calibration.layers:
-            lines += [source, "", calibration_table(report, calibration), ""]
-        else:
-            lines += [f"{source} It records no MoE layer.", ""]
+        note = f"From `{calibration.file}`"
+        if min_tokens:
+            note += f"; min_tokens {', '.join(map(str, min_tokens))}"
+        if not calibration.layers:
+            lines += [f"{note}: no MoE layer recorded.", ""]
+            continue
+        lines += [f"{note}.", "", calibration_table(report, calibration), ""]
     return lines
 
 
