@@ -90,8 +90,8 @@ class RegMeanOptions(BaseModel):
     variant: Literal["classic", "sequential"] = Field(
         "sequential",
         description="sequential: inputs from the model being calibrated, targets from each source's own outputs "
-        "(lower mean KL to the sources in docs/EXPERTS.md; a second, shortened pass per source and layer); classic: each "
-        "source's Gram from its own forward (one pass).",
+        "(lower mean KL to the sources in docs/EXPERTS.md; a second, shortened pass per source and layer); "
+        "classic: each source's Gram from its own forward (one pass).",
     )
     routing_weight: bool = Field(
         False,
