@@ -100,8 +100,12 @@ def test_regmean_stage1_solves_every_linear_and_keeps_the_rest(tmp_path: Path) -
 
 
 def test_regmean_rest_rule_and_bad_recipes(tmp_path: Path) -> None:
-    """`rest` picks the per-tensor method for the rest; missing text or a bad rest is an error before any output."""
-    setup = make_specialists("qwen3_moe", tmp_path, num_hidden_layers=1)
+    """`rest` picks the per-tensor method for the rest; missing text or a bad rest is an error before any output.
+
+    GLM-4-MoE without shared experts: a dense first layer, a sigmoid router, and zero-width shared-expert maps
+    (nothing to solve there; they are copied).
+    """
+    setup = make_specialists("glm4_moe", tmp_path, num_hidden_layers=2, n_shared_experts=0)
     out = merge_checkpoints(
         _recipe(tmp_path, setup, parameters={"rest": "task_arithmetic", "lambda": 0.5}), tmp_path / "ta-rest"
     )
@@ -111,6 +115,9 @@ def test_regmean_rest_rule_and_bad_recipes(tmp_path: Path) -> None:
     merged, ta = CheckpointReader(out), CheckpointReader(reference)
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(merged.read(name), ta.read(name)), name
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.experts.0.up_proj.weight"):
+        assert not torch.equal(merged.read(name), ta.read(name)), name  # dense MLP and expert re-solved
+    assert merged.info("model.layers.1.mlp.shared_experts.up_proj.weight").shape[0] == 0
 
     no_text = _recipe(tmp_path, setup)
     raw = yaml.safe_load(no_text.read_text())

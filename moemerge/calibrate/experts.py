@@ -647,11 +647,14 @@ class RegMeanCalibration:
             skip.append(info.router_module[len(prefix) + 1 :])
         sums = {}
         for name, module in merged_layer.named_modules():
-            if isinstance(module, torch.nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip):
-                bias = module.bias is not None
-                sums[name] = RegMeanSums.zeros(
-                    1, module.out_features, module.in_features + bias, self.options.alpha, self.walker.device
-                )
+            if not isinstance(module, torch.nn.Linear) or module.weight.numel() == 0:
+                continue  # a zero-width map (GLM-4-MoE with n_shared_experts 0) has nothing to solve
+            if any(name == s or name.startswith(s + ".") for s in skip):
+                continue
+            bias = module.bias is not None
+            sums[name] = RegMeanSums.zeros(
+                1, module.out_features, module.in_features + bias, self.options.alpha, self.walker.device
+            )
         return sums
 
     def _linear_hooks(
