@@ -43,8 +43,8 @@ def test_recorded_router_inputs_equal_full_model_forward(model_type: str, tmp_pa
     for layer in layout.moe_layers:
         router = model.get_submodule(layer.router_module)
         router.register_forward_pre_hook(
-            lambda m, args, kw, i=layer.index: captured[i].append(args[0] if args else kw["hidden_states"])
-            , with_kwargs=True
+            lambda m, args, kw, i=layer.index: captured[i].append(args[0] if args else kw["hidden_states"]),
+            with_kwargs=True,
         )
     assert set(recorded) == set(captured)
     padded_batches = 0

@@ -279,3 +279,23 @@ def test_cli_flags_reach_the_options() -> None:
     options = CalibrationOptions(regmean=model_values(args, "regmean"), **model_values(args, "run"))
     assert options.experts and options.regmean.alpha == 0.5 and options.regmean.variant == "sequential"
     assert options.regmean.min_tokens == 8 and options.regmean.linear_layers == "all"
+
+
+def test_recipe_section_takes_regmean_options_flat_or_nested(tmp_path: Path) -> None:
+    """`calibrate: {experts: true, alpha: 0.9}` is `regmean: {alpha: 0.9}`; both at once is an error."""
+    from moemerge.config import RecipeError, load_recipe
+
+    def recipe(section: dict) -> Path:
+        path = tmp_path / "recipe.yaml"
+        section = {"domains": {"s": ["f.jsonl"]}, **section}
+        path.write_text(json.dumps({"merge_method": "linear", "models": [{"model": "s"}], "calibrate": section}))
+        return path
+
+    flat = load_recipe(recipe({"experts": True, "alpha": 0.7, "min_tokens": 5})).calibrate
+    assert flat.experts and flat.regmean.alpha == 0.7 and flat.regmean.min_tokens == 5
+    nested = load_recipe(recipe({"experts": True, "regmean": {"alpha": 0.7, "min_tokens": 5}})).calibrate
+    assert nested.regmean == flat.regmean
+    with pytest.raises(RecipeError, match="alpha is given both"):
+        load_recipe(recipe({"experts": True, "alpha": 0.7, "regmean": {"alpha": 0.5}}))
+    with pytest.raises(RecipeError, match="nothing to calibrate"):
+        load_recipe(recipe({"experts": False, "routers": False}))

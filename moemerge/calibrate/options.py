@@ -144,6 +144,23 @@ class CalibrationOptions(BaseModel):
         "to fit it, or the run stops before any work (docs/SCALING.md). None: no limit.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _regmean_shorthand(cls, values: object) -> object:
+        """`{experts: true, alpha: 0.9}` is short for `{experts: true, regmean: {alpha: 0.9}}` (any RegMean option)."""
+        if not isinstance(values, dict):
+            return values
+        flat = {k: values[k] for k in RegMeanOptions.model_fields if k in values}
+        if not flat:
+            return values
+        nested = values.get("regmean") or {}
+        nested = nested.model_dump() if isinstance(nested, RegMeanOptions) else dict(nested)
+        both = sorted(set(flat) & set(nested))
+        if both:
+            raise ValueError(f"{both[0]} is given both at the top level and in regmean; give it once")
+        rest = {k: v for k, v in values.items() if k not in flat}
+        return rest | {"regmean": nested | flat}
+
     @model_validator(mode="after")
     def _something_to_solve(self) -> CalibrationOptions:
         if not (self.routers or self.experts):
