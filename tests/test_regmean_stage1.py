@@ -136,3 +136,40 @@ def test_regmean_rest_rule_and_bad_recipes(tmp_path: Path) -> None:
     with pytest.raises(MergeError, match=f"no calibration text for source {setup['sources'][1]}"):
         merge_checkpoints(one_domain, tmp_path / "bad")
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_interrupted_regmean_resumes_from_its_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed in the walk leaves step 1 and the walk's finished layers; the rerun reuses them and cleans up."""
+    import moemerge.calibrate.experts as experts
+
+    setup = make_specialists("qwen3_moe", tmp_path, num_hidden_layers=2)
+    recipe = _recipe(tmp_path, setup)
+    reference = merge_checkpoints(recipe, tmp_path / "reference", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    original, calls, kill = experts.RegMeanCalibration._calibrate, [], [True]
+
+    def killed_at_layer_1(self, index, layer):
+        calls.append(index)
+        if index == 1 and kill:  # the first run only
+            kill.clear()
+            raise Killed
+        return original(self, index, layer)
+
+    monkeypatch.setattr(experts.RegMeanCalibration, "_calibrate", killed_at_layer_1)
+    with pytest.raises(Killed):
+        merge_checkpoints(recipe, tmp_path / "out", progress=False)
+    (scratch,) = tmp_path.glob(".out.regmean-*")
+    assert (scratch / "rest").is_dir() and not (tmp_path / "out").exists() and calls == [0, 1]
+
+    calls.clear()
+    out = merge_checkpoints(recipe, tmp_path / "out", progress=False)
+    # layer 0 replayed, not re-solved: the walk's fingerprint (which stamps step 1's files) matched, so the
+    # step-1 model was reused rather than rewritten
+    assert calls == [1]
+    assert not scratch.exists()
+    merged, expected = CheckpointReader(out), CheckpointReader(reference)
+    for name in expected.names():
+        assert torch.equal(merged.read(name), expected.read(name)), name
