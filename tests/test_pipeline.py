@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import make_specialists
 
@@ -12,13 +13,15 @@ from moemerge.cli import main
 from moemerge.diagnose.report import headline_table, load_report
 
 
-def test_run_writes_model_report_and_card(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["task_arithmetic", "regmean"])
+def test_run_writes_model_report_and_card(method: str, tmp_path: Path) -> None:
+    """regmean: stage 1 is itself a RegMean walk (routers kept), then HARC; the report shows both calibrations."""
     from transformers import AutoModelForCausalLM
 
     setup = make_specialists("olmoe", tmp_path)
     sources = [str(s) for s in setup["sources"]]
     recipe = {
-        "merge_method": "task_arithmetic",
+        "merge_method": method,
         "base_model": str(setup["base"]),
         "models": [{"model": s, "parameters": {"weight": 1.0}} for s in sources],
         "dtype": "float32",
@@ -39,3 +42,11 @@ def test_run_writes_model_report_and_card(tmp_path: Path) -> None:
     assert data and list((out / "report").glob("*.png"))
     assert headline_table(report).strip() in (out / "README.md").read_text()
     AutoModelForCausalLM.from_pretrained(out)
+    calibrated = report.calibrations["merged"]
+    assert calibrated.has_harc and not calibrated.has_experts
+    if method == "regmean":
+        stage1 = report.calibrations["merged.stage1"]
+        assert stage1.has_experts and not stage1.has_harc
+        assert "`regmean`" in (tmp_path / "merged.stage1" / "README.md").read_text()
+    else:
+        assert "merged.stage1" not in report.calibrations
