@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def merge_regmean(
         f"Stage-1 merge of {len(plan.sources)} model(s) with `regmean`: every linear layer of the decoder layers "
         f"merged by RegMean on each source's calibration text (routed experts routing-aware: each source's Gram "
         f"counts the tokens its own router sends to the expert), everything else by `{step1.merge_method}`; "
-        f"routers {'merged' if recipe.routers == 'merge' else 'copied from ' + recipe.routers}. "
+        f"routers {'merged by it' if recipe.routers == 'merge' else 'copied from ' + recipe.routers}. "
         "No router calibration (stage 2) has been applied."
     )
     card = model_card(recipe=recipe_text, sources=list(plan.sources), base=plan.base, summary=summary)
@@ -123,5 +124,6 @@ def merge_regmean(
         progress=progress,
         card=card,
     )
-    shutil.rmtree(scratch)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the ranks share the folder; rank 0 wrote last
+        shutil.rmtree(scratch)
     return calibrated
