@@ -7,7 +7,8 @@ Per family (a folder of checkpoints/ built by build.py):
 1. stage 1 with every method of `moemerge.merge.registry.method_names()` and `regmean` (parameters in
    METHOD_PARAMETERS);
 2. stage 2: HARC (gamma 0.9) on each stage-1 model, with the demo's calibration text; and the same
-   calibration with `experts: true` (routing-aware RegMean of the experts, then HARC, in one walk);
+   calibration with `experts: true` (routing-aware RegMean of the experts, then HARC, in one walk), and on
+   VARIANT_METHODS the same with RegMean's `classic` variant, to check the default (`sequential`) here too;
 3. diagnose: the stage-1 models with oracle routers (the source's routers swapped in: the ceiling of
    any router calibration), then base, specialists and the calibrated models, all on the same
    held-out text (the demo's split: 32 of each domain's 64 shipped samples, never calibration text);
@@ -55,17 +56,21 @@ METHOD_PARAMETERS: dict[str, dict] = {
 }
 FAMILIES = ("olmoe", "glm4_moe", "olmoe-full")  # olmoe-full: the OLMoE specialists built with build.py --mode full
 SWEEP_METHOD = "task_arithmetic"
+VARIANT_METHODS = ("task_arithmetic", "linear")
+CLASSIC = " + experts (classic) + HARC"
 SWEEP_GAMMA = (0.5, 0.9, 1.0, 1.5)
 SWEEP_SAMPLES = (8, 16, 32)  # 32 is all a domain has once its 32 held-out samples are set aside
 
 
-def _options(samples: int = CALIBRATION, gamma: float = 0.9, experts: bool = False):
-    """The demo's calibration options; `experts`: RegMean of the experts (default regmean section) before HARC."""
+def _options(samples: int = CALIBRATION, gamma: float = 0.9, experts: bool = False, variant: str | None = None):
+    """The demo's calibration options; `experts`: RegMean of the experts (default regmean section unless
+    `variant` is given) before HARC."""
     from moemerge.calibrate.options import CalibrationOptions
 
     section = recipe("olmoe", "linear", harc={"gamma": gamma}, samples=samples)["calibrate"]
     section.pop("domains")
-    return CalibrationOptions.model_validate(dict(section, experts=experts))
+    regmean = {"variant": variant} if variant else {}
+    return CalibrationOptions.model_validate(dict(section, experts=experts, regmean=regmean))
 
 
 def _domains(family: str):
@@ -96,13 +101,15 @@ def _evaluations(report, names: dict[str, str]) -> dict:
     return rows
 
 
-def _calibrate_experts(stage1: str, domains, out: Path, entry: dict, result: dict, progress: bool) -> str | None:
+def _calibrate_experts(
+    stage1: str, domains, out: Path, entry: dict, result: dict, progress: bool, variant: str | None = None
+) -> str | None:
     """Stage 2 with experts=True (RegMean of the experts, then HARC) on one stage-1 model; None if it failed."""
     from moemerge.calibrate.runner import calibrate
 
     try:
-        path, entry["experts_seconds"] = _timed(
-            calibrate, stage1, domains, out, _options(experts=True), progress=progress
+        path, entry[f"experts_{variant}_seconds" if variant else "experts_seconds"] = _timed(
+            calibrate, stage1, domains, out, _options(experts=True, variant=variant), progress=progress
         )
         return str(path)
     except Exception as err:  # every failure is reported, with its error
@@ -150,6 +157,12 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
             if out:
                 experts[method] = out
         print(f"{family} {method}: {entry}" if "calibration" not in entry else f"{family} {method}: done")
+    classic = {}  # the other RegMean variant, on two stage-1 methods, to check the default (sequential) here too
+    for method in [m for m in VARIANT_METHODS if m in stage1]:
+        entry = result["methods"][method]
+        out = _calibrate_experts(stage1[method], domains, root / method / "classic", entry, result, progress, "classic")
+        if out:
+            classic[method] = out
 
     reference = stage1.get(SWEEP_METHOD, next(iter(stage1.values())))
     diag = DiagnoseOptions(data=options.data, batch_tokens=options.batch_tokens, stage1=reference, oracle_routers=True)
@@ -167,6 +180,7 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
     models.update({f"specialist {d}": str(HERE / "checkpoints" / family / d) for d in DOMAINS})
     models.update({f"{m} + HARC": p for m, p in harc.items()})
     models.update({f"{m} + experts + HARC": p for m, p in experts.items()})
+    models.update({f"{m}{CLASSIC}": p for m, p in classic.items()})
     diag = DiagnoseOptions(data=options.data, batch_tokens=options.batch_tokens, stage1=models["base"])
     report, result["times"]["diagnose base, specialists, HARC, experts + HARC"] = _timed(
         diagnose, models, domains, root / "report-harc", diag, progress=progress
@@ -261,7 +275,7 @@ def family_markdown(result: dict) -> list[str]:
     ]
     order = ["base"] + [f"specialist {d}" for d in DOMAINS]
     for m in methods:
-        order += [m, f"{m} + HARC", f"{m} + experts + HARC", f"{m} + oracle routers"]
+        order += [m, f"{m} + HARC", f"{m} + experts + HARC", f"{m}{CLASSIC}", f"{m} + oracle routers"]
     for name in order:
         if name in rows:
             losses = [rows[name][d]["loss"] for d in DOMAINS]
@@ -382,7 +396,8 @@ def headline(result: dict) -> str:
         f"specialists {spread(m)}. Oracle routers reach {mean(m + ' + oracle routers'):.3f}; HARC reaches "
         f"{mean(m + ' + HARC'):.3f} with agreement {spread(m + ' + HARC')}, i.e. {oracle:.2f} of the oracle gain "
         f"and {gap:.2f} of the stage-1-to-specialist gap (the rest lies in the merged experts). "
-        f"{_experts_line(result)} {_regmean_line(result)} Best merged model: {best} ({merged[best]:.3f}); {verdict}."
+        f"{_experts_line(result)} {_variant_line(result)} {_regmean_line(result)} "
+        f"Best merged model: {best} ({merged[best]:.3f}); {verdict}."
     )
 
 
@@ -418,6 +433,22 @@ def _experts_spread(result: dict) -> str:
             "solution does not depend on its start point)"
         )
     return text + "."
+
+
+def _variant_line(result: dict) -> str:
+    """The headline's sentence on the default RegMean variant (sequential) against classic."""
+    rows, parts = result["rows"], []
+    for m in VARIANT_METHODS:
+        if f"{m} + experts + HARC" in rows and f"{m}{CLASSIC}" in rows:
+            sequential, classic = (
+                _mean(rows[n][d]["loss"] for d in DOMAINS) for n in (f"{m} + experts + HARC", m + CLASSIC)
+            )
+            parts.append(f"{m} {sequential:.4f} against {classic:.4f}")
+    if not parts:
+        return "RegMean variants: not compared (failed; see Failures)."
+    return (
+        "RegMean's default variant (sequential) against classic, mean loss + experts + HARC: " + "; ".join(parts) + "."
+    )
 
 
 def _regmean_line(result: dict) -> str:
@@ -465,7 +496,8 @@ def write_results() -> Path:
         "32 samples per domain (seed 0), never calibration text; HARC calibration: "
         f"{CALIBRATION} of the remaining samples per domain, gamma 0.9, kronecker preconditioner; `+ experts + "
         "HARC`: the same calibration with experts=True (routing-aware RegMean of the experts with the default "
-        "regmean options, docs/EXPERTS.md, then HARC, in one walk). Oracle "
+        "regmean options, docs/EXPERTS.md, then HARC, in one walk); `+ experts (classic) + HARC`: the same with "
+        "RegMean's classic variant. Oracle "
         "routers: the stage-1 model with the domain's specialist's routers swapped in, the best any router "
         "calibration can reach. Method parameters: "
         + "; ".join(f"{m} {p or 'defaults'}" for m, p in METHOD_PARAMETERS.items())
