@@ -275,7 +275,15 @@ def test_parse_budget() -> None:
 
 
 OLMOE = ModelShape(
-    hidden=2048, experts=64, top_k=8, heads=16, expert_width=1024, layer_numbers=420_000_000, resident_numbers=2 * 10**8
+    hidden=2048,
+    experts=64,
+    top_k=8,
+    heads=16,
+    expert_width=1024,
+    layer_numbers=420_000_000,
+    resident_numbers=2 * 10**8,
+    layer_disk_bytes=840_000_000,
+    expert_maps=((2048, 2048), (2048, 1024)),
 )
 LENGTHS = [[512] * 2000, [300] * 3000]  # two domains, 1.9M tokens
 

@@ -16,31 +16,79 @@ size, E experts, K domains, T_i the padded and N_i the real tokens of domain i o
     solver       per-token source probabilities N E c, batch temporaries, (K + 10) E d float64
                  CG and statistic buffers, and the preconditioner (see ``required_bytes``)
 
-    peak = resident + layer + max(batch + hidden + recorded,  (T d s) + (N d s) + solver)
+    materialise = resident + 3 layer + D + T d s     (the layer as read from disk (D bytes), converted
+                                                      pieces, the result; measured by benchmarks/experts_memory.py)
+    forward     = resident + layer + batch + hidden + recorded
+    solve       = resident + layer + T d s + N d s + solver           (without routers: no solve)
+
+With ``experts`` (routing-aware RegMean, moemerge/calibrate/experts.py) each layer first makes
+passes over the sources (one per group of experts; sequential: per group and projection), each
+materialising one source's layer, then solves and writes the new experts. With I the expert width,
+b = 1 when the experts have biases, a = 2I (d + b) and c = d (I + b) the numbers of one expert's
+gate/up and down, S_a = 8 (a + (d + b)^2) and S_c = 8 (c + (I + b)^2) their float64 sums
+(``RegMeanSums.bytes_per_map``), g the experts per group (as many as ``regmean.sums_budget_bytes``
+holds, at least one), g' = g when there is more than one group (else 0), w the work bytes
+(``work_dtype``), D the on-disk bytes of a layer and q those of one of its numbers:
+
+    sources      the sources' hidden states, one per domain:   T d s, (T + T_max) d s in a pass
+                 (the pass that advances them holds one domain's new ones)
+    source layer one source's decoder layer:                   layer, 3 layer + D while it is read and
+                 converted (its tensors as read, converted pieces, the fused result; measured by
+                 benchmarks/experts_memory.py)
+    hooked       the last source's experts, kept by its fold hook until the next source's:  E (a + c) f
+                 (E (a + c) w, twice for sequential, when they are copies: w != f, or biases)
+    stage 1      the layer's experts before RegMean:           E (a + c) f
+    sums         classic     pass  g (S_a + S_c) + g' (S_c + 8 c),  load: g' (S_a + S_c + 8 c) more
+                 sequential  pass  max(g S_a + g' (S_c + 8 c),  g (S_c + 8 a)),
+                             load  max(g S_a + g' (S_c + 8 c),  g (S_c + S_a + 8 a))
+                 solves      g (S_a + S_c) (classic) or g max(S_a, S_c) (sequential)
+                             + 8 g (a + c) (the solved experts) + g max(a, c) f (their stage-1 slice)
+                 output      g (S_a + S_c + 8 c) (classic) or g (S_c + 8 c) (sequential)
+                 (a task's last sums and solution stay referenced into the next task, its sums through
+                 its last fold hook until the next task's first source layer is loaded)
+    map solve    one map's Cholesky and right-hand side:       8 (3 in^2 + 4 out in), largest map
+    fold         one batch's expert inputs and one expert's products:  (B (4 d + 6 I) + in^2 + 2 out in) w
+    inputs       sequential: one domain's merged-model expert inputs:  N_max d f
+    linears      ``linear_layers: all``: the sums of every other linear of the layer:  sum of 8 (out in + in^2)
+    output       the new experts in the checkpoint's dtype, and their on-disk conversion:  2 E (a + c) q
+
+    load    = resident + layer + T d s + sources + (3 layer + D) + hooked + stage 1 + sums + linears
+    pass    = resident + layer + batch + T d s + sources + layer + stage 1 + sums + fold + inputs + linears
+              (+ hooked, when they are copies)
+    regmean = resident + layer + T d s + sources + hooked + stage 1 + sums + map solve + linears
+    output  = regmean's terms with the output's sums, plus output
+
+and the sources' T d s also stays through forward and solve. The peak is the largest phase. It
+counts tensors: the interpreter's own memory and what the C allocator keeps of freed tensors come
+on top (benchmarks/experts_memory.py measures both).
 
 On the CPU all of it is host memory. With ``--device cuda`` it is device memory, except that the
 hidden states may be kept in host memory (moved to the GPU one batch at a time) when the device
-budget is short, and that each layer is converted on the host before it moves to the GPU (one
-layer x f of host memory, for the time of the forward).
+budget is short, that each layer is converted on the host before it moves to the GPU (one layer
+x f of host memory during the forward; 3 layer + D while a source's layer is converted), and that
+RegMean's output is written from host memory.
 
 To meet a budget the planner, in this order, halves the forward batch (down to
 the longest sample; slower, same result), on a GPU keeps the hidden states in host memory (one
-copy to the GPU per batch and layer), falls back to a weaker preconditioner (more CG iterations,
-same result), and stores activations in bfloat16 instead of float32 (changes the result
-slightly: benchmarks/scaling.py measures by how much). A budget that the smallest plan still
-exceeds is an error before any work starts.
+copy to the GPU per batch and layer), with ``experts`` lowers ``sums_budget_bytes`` so that the
+experts are done in more, smaller groups (one more pass over the sources per group; same result),
+falls back to a weaker preconditioner (more CG iterations, same result), and stores activations
+in bfloat16 instead of float32 (changes the result slightly: benchmarks/scaling.py measures by how
+much). A budget that the smallest plan still exceeds is an error before any work starts.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from moemerge.architectures.layout import ModelLayout
+from moemerge.architectures.layout import ArchitectureError, ModelLayout, build_meta_model
 from moemerge.calibrate.distributed import assign_shards
+from moemerge.calibrate.experts import FusedExperts, RegMeanSums, experts_module
 from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, RouterSolveOptions
 from moemerge.calibrate.preconditioners import choose_preconditioner, required_bytes
 from moemerge.calibrate.walk import LAYER_INDEX
@@ -48,6 +96,11 @@ from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.data import pack
 
 _FALLBACK: tuple[PreconditionerName, ...] = ("block", "kronecker", "diagonal", "none")
+_PHASES = ("materialise", "forward", "solve", "load", "pass", "regmean", "output")
+"""A layer being materialised, its forward, its router solve; with experts, a source layer being materialised, a
+source's pass, RegMean's solves, and the layer's RegMean output (the new tensors)."""
+_Term = tuple[str, str, dict[str, int]]
+"""(what, where: host or device, bytes during each phase it is held in)."""
 _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -100,6 +153,14 @@ class ModelShape:
     expert_width: int
     layer_numbers: int
     resident_numbers: int
+    layer_disk_bytes: int
+    """On-disk bytes of the largest decoder layer (what materialising it reads and copies)."""
+    expert_maps: tuple[tuple[int, int], ...] = ()
+    """(out, in) of one expert's matrices as RegMean solves them, [W | b]: gate/up (2I, d + b), down (d, I + b).
+    Empty when the experts are not a module RegMean handles (it refuses them)."""
+    expert_bias: bool = False
+    linear_maps: tuple[tuple[int, int], ...] = ()
+    """(out, in + b) of the linears ``linear_layers: all`` solves, in the layer where their sums are largest."""
 
     @classmethod
     def of(cls, layout: ModelLayout, reader: CheckpointReader) -> ModelShape:
@@ -108,14 +169,27 @@ class ModelShape:
         width = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", hidden)
         first = layout.moe_layers[0]
         per_layer: dict[int, int] = {}
+        disk_per_layer: dict[int, int] = {}
         resident = 0
         for name in reader.names():
-            numel = math.prod(reader.info(name).shape)
+            info = reader.info(name)
             match = LAYER_INDEX.search(name)
             if match:
-                per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + numel
+                index = int(match.group(1))
+                per_layer[index] = per_layer.get(index, 0) + math.prod(info.shape)
+                disk_per_layer[index] = disk_per_layer.get(index, 0) + info.nbytes
             else:
-                resident += numel
+                resident += math.prod(info.shape)
+        layers = build_meta_model(layout.config).get_submodule(layout.layers_module)
+        try:
+            experts = FusedExperts(experts_module(layers[first.index], f"{layout.layers_module}.{first.index}")[1])
+            expert_maps = (tuple(experts.gate_up().shape[1:]), tuple(experts.down().shape[1:]))
+        except ArchitectureError:
+            experts, expert_maps = None, ()
+        routers = {
+            i.index: i.router_module.removeprefix(f"{layout.layers_module}.{i.index}.") for i in layout.moe_layers
+        }
+        linears = [_linear_maps(layer, routers.get(i, "")) for i, layer in enumerate(layers)]
         return cls(
             hidden=hidden,
             experts=first.num_experts,
@@ -124,7 +198,23 @@ class ModelShape:
             expert_width=int(width),
             layer_numbers=max(per_layer.values(), default=0),
             resident_numbers=resident,
+            layer_disk_bytes=max(disk_per_layer.values(), default=0),
+            expert_maps=expert_maps,
+            expert_bias=experts is not None and experts.bias,
+            linear_maps=max(linears, key=lambda maps: sum(RegMeanSums.bytes_per_map(o, i) for o, i in maps)),
         )
+
+
+def _linear_maps(layer: torch.nn.Module, router: str) -> tuple[tuple[int, int], ...]:
+    """(out, in + b) of the linears of a decoder layer that RegMean's ``linear_layers: all`` solves: every
+    ``nn.Linear`` with weights except the router (``router``: its name in the layer, empty in a dense layer)."""
+    return tuple(
+        (module.out_features, module.in_features + (module.bias is not None))
+        for name, module in layer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and module.weight.numel() > 0
+        and not (router and (name == router or name.startswith(router + ".")))
+    )
 
 
 @dataclass(frozen=True)
@@ -161,6 +251,10 @@ class MemoryPlan:
     preconditioner: PreconditionerName
     hidden_on: str
     """'host' or 'device': where hidden states live between layers ('host' on the CPU)."""
+    sums_budget_bytes: int | None
+    """RegMean's ``sums_budget_bytes`` (the requested one unless the plan lowered it)."""
+    expert_group: int | None
+    """Experts per RegMean group, as ``sums_budget_bytes`` makes them; None when the experts are not merged."""
     host_bytes: int
     device_bytes: int
     parts: tuple[tuple[str, int, str], ...]
@@ -171,24 +265,28 @@ class MemoryPlan:
     on_gpu: bool
 
     def apply(self, options: CalibrationOptions) -> CalibrationOptions:
-        """``options`` with the planned batch, storage dtype and preconditioner."""
+        """``options`` with the planned batch, storage dtype, preconditioner and RegMean sums budget."""
         harc = options.harc.model_copy(update={"preconditioner": self.preconditioner})
+        regmean = options.regmean.model_copy(update={"sums_budget_bytes": self.sums_budget_bytes})
         update = {"batch_tokens": self.batch_tokens, "activation_dtype": self.activation_dtype, "harc": harc}
-        return options.model_copy(update=update)
+        return options.model_copy(update=update | {"regmean": regmean})
 
     def describe(self) -> str:
-        def gb(n: int | None) -> str:
-            return "no limit" if n is None else f"{n / 1e9:.3g} GB"
-
         lines = [
             f"memory plan per rank ({self.world_size} rank{'s' if self.world_size > 1 else ''}): "
             f"batch_tokens {self.batch_tokens}, activations {self.activation_dtype}, "
             f"preconditioner {self.preconditioner}, hidden states on {self.hidden_on}"
+            + (
+                ""
+                if self.expert_group is None
+                else f", RegMean sums_budget_bytes {self.sums_budget_bytes} (experts in groups of {self.expert_group})"
+            )
         ]
         lines += [f"  {what:<44} {n / 1e9:>9.3f} GB  {where}" for what, n, where in self.parts]
-        lines.append(f"  {'peak host':<44} {self.host_bytes / 1e9:>9.3f} GB  (budget {gb(self.budget.host)})")
+        lines.append(f"  {'peak host':<44} {self.host_bytes / 1e9:>9.3f} GB  (budget {_gb(self.budget.host)})")
         if self.on_gpu:
-            lines.append(f"  {'peak device':<44} {self.device_bytes / 1e9:>9.3f} GB  (budget {gb(self.budget.device)})")
+            device = f"  {'peak device':<44} {self.device_bytes / 1e9:>9.3f} GB"
+            lines.append(f"{device}  (budget {_gb(self.budget.device)})")
         if self.changes:
             lines.append("  to fit the budget: " + "; ".join(self.changes))
         return "\n".join(lines)
@@ -208,6 +306,41 @@ def solver_bytes(
     return tokens * experts * c + b * dim * c + 4 * b * experts * c + (num_domains + 10) * experts * dim * 8 + precond
 
 
+def expert_sums_bytes(shape: ModelShape) -> int:
+    """Float64 sums of one expert, gate/up and down: the unit of ``sums_budget_bytes`` (as experts.py's ``_tasks``)."""
+    return sum(RegMeanSums.bytes_per_map(out, inp) for out, inp in shape.expert_maps)
+
+
+def group_bytes(shape: ModelShape, group: int, variant: str, forward_bytes: int) -> dict[str, int]:
+    """RegMean's float64 sums and solved experts for groups of `group` experts, by phase of :func:`_estimate`.
+
+    Mirrors ``RegMeanCalibration._calibrate``: a task's sums live through its passes and solves; each
+    solve returns a float64 matrix per expert, next to the experts' stage-1 slice. A task's last sums
+    and solution stay referenced (loop variables) into the next task, and its sums also through its last
+    fold hook until the next task has loaded its first source layer.
+    """
+    (o_a, i_a), (o_c, i_c) = shape.expert_maps
+    a, c = o_a * i_a, o_c * i_c
+    s_a, s_c = RegMeanSums.bytes_per_map(o_a, i_a), RegMeanSums.bytes_per_map(o_c, i_c)
+    g = group
+    later = g if g < shape.experts else 0  # a group that follows another
+    solved = 8 * g * (a + c) + g * max(a, c) * forward_bytes
+    if variant == "classic":
+        return {
+            "load": g * (s_a + s_c) + later * (s_a + s_c + 8 * c),
+            "pass": g * (s_a + s_c) + later * (s_c + 8 * c),
+            "regmean": g * (s_a + s_c) + solved,
+            "output": g * (s_a + s_c + 8 * c),
+        }
+    gate_up = g * s_a + later * (s_c + 8 * c)  # a gate/up task, after the previous group's down task
+    return {
+        "load": max(gate_up, g * (s_c + s_a + 8 * a)),  # a down task, after its group's gate/up task
+        "pass": max(gate_up, g * (s_c + 8 * a)),
+        "regmean": g * max(s_a, s_c) + solved,
+        "output": g * (s_c + 8 * c),
+    }
+
+
 def _estimate(
     shape: ModelShape,
     tokens: RankTokens,
@@ -217,6 +350,7 @@ def _estimate(
     storage: str,
     preconditioner: PreconditionerName,
     hidden_on: str,
+    expert_group: int | None,
     num_domains: int,
     on_gpu: bool,
 ) -> tuple[int, int, tuple[tuple[str, int, str], ...]]:
@@ -226,25 +360,101 @@ def _estimate(
     t_max, n_max = max(tokens.padded, default=0), max(tokens.real, default=0)
     per_token = 20 * d + 2 * shape.heads * tokens.longest + 4 * shape.top_k * shape.expert_width + 4 * E
     work = "device" if on_gpu else "host"
-    solver = solver_bytes(N, E, d + 1, num_domains, options.harc, preconditioner)
     layer, resident = shape.layer_numbers * f, shape.resident_numbers * f
-    hidden, recorded = (T + t_max) * d * s, (N + n_max) * d * s
-    terms = [  # (what, where, bytes while running the layer's forward, bytes while solving its router)
-        ("resident (embeddings, head)", work, resident, resident),
-        ("one decoder layer", work, layer, layer),
-        (f"forward batch of {batch_tokens} tokens (estimate)", work, batch_tokens * per_token * f, 0),
-        (f"hidden states ({T} + {t_max} tokens)", hidden_on, hidden, T * d * s),
-        (f"router inputs ({N} + {n_max} tokens)", work, recorded, N * d * s),
-        (f"solver ({preconditioner})", work, 0, solver),
+    batch = batch_tokens * per_token * f
+    terms: list[_Term] = [
+        ("resident (embeddings, head)", work, dict.fromkeys(_PHASES, resident)),
+        ("one decoder layer", work, dict.fromkeys(_PHASES, layer)),
+        (f"forward batch of {batch_tokens} tokens (estimate)", work, {"forward": batch, "pass": batch}),
+        (
+            f"hidden states ({T} + {t_max} tokens)",
+            hidden_on,
+            dict.fromkeys(_PHASES, T * d * s) | {"forward": (T + t_max) * d * s},
+        ),
     ]
-    if on_gpu:  # a layer is converted on the host before it moves to the GPU
-        terms.append(("one decoder layer, staged on the host", "host", layer, 0))
-    forward, solve = {"host": 0, "device": 0}, {"host": 0, "device": 0}
-    for _, where, during_forward, during_solve in terms:
-        forward[where] += during_forward
-        solve[where] += during_solve
-    parts = tuple((what, max(a, b), where) for what, where, a, b in terms)
-    return max(forward["host"], solve["host"]), max(forward["device"], solve["device"]), parts
+    if options.routers:
+        terms += [
+            (f"router inputs ({N} + {n_max} tokens)", work, {"forward": (N + n_max) * d * s, "solve": N * d * s}),
+            (
+                f"solver ({preconditioner})",
+                work,
+                {"solve": solver_bytes(N, E, d + 1, num_domains, options.harc, preconditioner)},
+            ),
+        ]
+    if expert_group is not None:
+        terms += _regmean_terms(shape, tokens, options, batch_tokens, storage, expert_group, work, hidden_on)
+    reading = 3 * layer + shape.layer_disk_bytes  # as read, converted pieces, the result (measured)
+    if on_gpu:  # a layer (merged, or a source's) is converted on the host before it moves to the GPU
+        terms.append(
+            (
+                "one decoder layer, staged on the host",
+                "host",
+                {"materialise": reading, "forward": layer, "load": reading},
+            )
+        )
+    else:
+        terms.append(("materialising a layer: pieces read and converted", work, {"materialise": reading - layer}))
+    phases = ["materialise", "forward"] + (["solve"] if options.routers else [])
+    phases += ["load", "pass", "regmean", "output"] if expert_group is not None else []
+    peaks = {"host": 0, "device": 0}
+    for phase in phases:
+        for where in peaks:
+            peaks[where] = max(peaks[where], sum(b.get(phase, 0) for _, w, b in terms if w == where))
+    parts = tuple((what, max(b.get(p, 0) for p in phases), where) for what, where, b in terms)
+    return peaks["host"], peaks["device"], tuple(part for part in parts if part[1] > 0)
+
+
+def _regmean_terms(
+    shape: ModelShape,
+    tokens: RankTokens,
+    options: CalibrationOptions,
+    batch_tokens: int,
+    storage: str,
+    group: int,
+    work: str,
+    hidden_on: str,
+) -> list[_Term]:
+    """The terms RegMean of the experts adds (module docstring), by phase of :func:`_estimate`."""
+    regmean = options.regmean
+    d, E, inter = shape.hidden, shape.experts, shape.expert_width
+    s, f, w = _BYTES[storage], _BYTES[options.forward_dtype], _BYTES[regmean.work_dtype]
+    T, t_max, n_max = sum(tokens.padded), max(tokens.padded, default=0), max(tokens.real, default=0)
+    sequential = regmean.variant == "sequential"
+    experts = E * sum(o * i for o, i in shape.expert_maps)
+    disk = experts * shape.layer_disk_bytes // max(shape.layer_numbers, 1)  # the experts in the checkpoint's dtype
+    linears = shape.linear_maps if regmean.linear_layers == "all" else ()
+    linear_sums = sum(RegMeanSums.bytes_per_map(o, i) for o, i in linears)
+    maps = shape.expert_maps + linears
+    fold = (batch_tokens * (4 * d + 6 * inter) + max(i * i + 2 * o * i for o, i in maps)) * w
+    copies = (1 + sequential) * experts * w if (w != f or shape.expert_bias) else 0
+    hooked = copies or experts * f  # the last source's experts, kept by its fold hook until the next one
+    map_solve = max(8 * (3 * i * i + 4 * o * i) for o, i in maps)
+    layer = shape.layer_numbers * f
+    loading = layer if work == "device" else 3 * layer + shape.layer_disk_bytes  # on a GPU, converted on the host
+    return [
+        (
+            f"sources' hidden ({T} + {t_max} tokens)",
+            hidden_on,
+            dict.fromkeys(_PHASES, T * d * s) | {"pass": (T + t_max) * d * s},
+        ),
+        ("one source's decoder layer (read, converted)", work, {"load": loading, "pass": layer}),
+        (
+            "RegMean: a source's experts (fold hook)",
+            work,
+            {"load": hooked, "pass": copies, "regmean": hooked, "output": hooked},
+        ),
+        (
+            "RegMean: stage-1 experts of the layer",
+            work,
+            dict.fromkeys(("load", "pass", "regmean", "output"), experts * f),
+        ),
+        (f"RegMean: sums and solutions, groups of {group}", work, group_bytes(shape, group, regmean.variant, f)),
+        ("RegMean: one map's solve", work, {"regmean": map_solve, "output": map_solve}),
+        (f"RegMean: fold of a {batch_tokens}-token batch", work, {"pass": fold}),
+        (f"RegMean: expert inputs ({n_max} tokens)", work, {"pass": n_max * d * f if sequential else 0}),
+        ("RegMean: sums of the other linears", work, dict.fromkeys(("load", "pass", "regmean", "output"), linear_sums)),
+        ("RegMean: new experts as saved, and converted", "host", {"output": 2 * disk}),
+    ]
 
 
 def plan_memory(
@@ -261,12 +471,14 @@ def plan_memory(
     Args:
         shape: the model's sizes (:meth:`ModelShape.of`).
         lengths: token counts of every calibration sample, per domain (all ranks).
-        options: the requested options; only batch_tokens, activation_dtype and the preconditioner
-            may change.
+        options: the requested options; only batch_tokens, activation_dtype, the preconditioner and
+            RegMean's sums_budget_bytes may change.
         budget: per-rank byte limits.
         world_size: ranks the batches are sharded over.
         on_gpu: whether the work runs on a GPU.
     """
+    if options.experts and not shape.expert_maps:
+        raise ValueError("experts: true: the model's experts are not a fused gated module, which RegMean needs")
     longest = max((max(d, default=0) for d in lengths), default=0)
     batches = [options.batch_tokens]
     while batches[-1] // 2 >= max(longest, 1):
@@ -275,45 +487,49 @@ def plan_memory(
     requested = choose_preconditioner(
         options.harc.preconditioner, shape.experts, shape.hidden + 1, torch.float32, options.harc.memory_budget_bytes
     )
-    preconditioners = list(_FALLBACK[_FALLBACK.index(requested) :])
+    preconditioners = list(_FALLBACK[_FALLBACK.index(requested) :]) if options.routers else [requested]
     placements = ["device", "host"] if on_gpu else ["host"]
+    groups = _expert_groups(shape, options)  # (experts per group, sums_budget_bytes)
     tokens_by_batch = {bt: rank_tokens(lengths, bt, world_size) for bt in batches}
 
     def fits(host: int, device: int) -> bool:
         return (budget.host is None or host <= budget.host) and (budget.device is None or device <= budget.device)
 
     last = None
-    for storage in storages:  # innermost first: what costs least is given up first
-        for preconditioner in preconditioners:
-            for hidden_on in placements:
-                for bt in batches:
-                    host, device, parts = _estimate(
-                        shape,
-                        tokens_by_batch[bt],
-                        options,
-                        batch_tokens=bt,
-                        storage=storage,
-                        preconditioner=preconditioner,
-                        hidden_on=hidden_on,
-                        num_domains=len(lengths),
-                        on_gpu=on_gpu,
-                    )
-                    plan = MemoryPlan(
-                        batch_tokens=bt,
-                        activation_dtype=storage,
-                        preconditioner=preconditioner,
-                        hidden_on=hidden_on,
-                        host_bytes=host,
-                        device_bytes=device,
-                        parts=parts,
-                        budget=budget,
-                        changes=_changes(options, bt, storage, preconditioner, hidden_on, on_gpu),
-                        world_size=world_size,
-                        on_gpu=on_gpu,
-                    )
-                    if fits(host, device):
-                        return plan
-                    last = plan
+    # the last knob varies fastest: what costs least is given up first
+    for storage, preconditioner, (group, sums_budget), hidden_on, bt in itertools.product(
+        storages, preconditioners, groups, placements, batches
+    ):
+        host, device, parts = _estimate(
+            shape,
+            tokens_by_batch[bt],
+            options,
+            batch_tokens=bt,
+            storage=storage,
+            preconditioner=preconditioner,
+            hidden_on=hidden_on,
+            expert_group=group,
+            num_domains=len(lengths),
+            on_gpu=on_gpu,
+        )
+        plan = MemoryPlan(
+            batch_tokens=bt,
+            activation_dtype=storage,
+            preconditioner=preconditioner,
+            hidden_on=hidden_on,
+            sums_budget_bytes=sums_budget,
+            expert_group=group,
+            host_bytes=host,
+            device_bytes=device,
+            parts=parts,
+            budget=budget,
+            changes=_changes(options, bt, storage, preconditioner, hidden_on, sums_budget, group, on_gpu),
+            world_size=world_size,
+            on_gpu=on_gpu,
+        )
+        if fits(host, device):
+            return plan
+        last = plan
     assert last is not None
     largest = ", ".join(f"{what} {_gb(n)} on {where}" for what, n, where in sorted(last.parts, key=lambda p: -p[1])[:3])
     raise ValueError(
@@ -321,9 +537,23 @@ def plan_memory(
         f"the smallest plan needs host {_gb(last.host_bytes)}"
         + (f", device {_gb(last.device_bytes)}" if on_gpu else "")
         + f" (batch_tokens {last.batch_tokens}, {last.activation_dtype} activations, preconditioner "
-        f"{last.preconditioner}; largest parts: {largest}). Raise the budget, "
+        f"{last.preconditioner}"
+        + ("" if last.expert_group is None else f", RegMean experts in groups of {last.expert_group}")
+        + f"; largest parts: {largest}). Raise the budget, "
         "calibrate on fewer tokens (--max-samples, --max-length) or run on more ranks."
     )
+
+
+def _expert_groups(shape: ModelShape, options: CalibrationOptions) -> list[tuple[int | None, int | None]]:
+    """(experts per RegMean group, ``sums_budget_bytes``) to try, largest group first: the requested budget's,
+    then the smallest group for each larger number of groups (passes). [(None, requested)] without experts."""
+    budget = options.regmean.sums_budget_bytes
+    if not options.experts:
+        return [(None, budget)]
+    E, unit = shape.experts, expert_sums_bytes(shape)
+    requested = E if budget is None else max(1, min(E, budget // max(unit, 1)))
+    smaller = sorted({-(-E // n) for n in range(1, E + 1)} - set(range(requested, E + 1)), reverse=True)
+    return [(requested, budget)] + [(g, g * unit) for g in smaller]
 
 
 def _gb(n: int | None) -> str:
@@ -331,7 +561,14 @@ def _gb(n: int | None) -> str:
 
 
 def _changes(
-    options: CalibrationOptions, bt: int, storage: str, preconditioner: str, hidden_on: str, on_gpu: bool
+    options: CalibrationOptions,
+    bt: int,
+    storage: str,
+    preconditioner: str,
+    hidden_on: str,
+    sums_budget: int | None,
+    group: int | None,
+    on_gpu: bool,
 ) -> tuple[str, ...]:
     changes = []
     if bt != options.batch_tokens:
@@ -342,4 +579,7 @@ def _changes(
         changes.append(f"activation_dtype {options.activation_dtype} -> {storage}")
     if on_gpu and hidden_on == "host":
         changes.append("hidden states kept in host memory")
+    if sums_budget != options.regmean.sums_budget_bytes:
+        before = options.regmean.sums_budget_bytes
+        changes.append(f"regmean sums_budget_bytes {before} -> {sums_budget} (experts in groups of {group})")
     return tuple(changes)

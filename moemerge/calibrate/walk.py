@@ -13,6 +13,9 @@ builds them, and are released again when the layer is done.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +31,26 @@ if TYPE_CHECKING:
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 """Which decoder layer an on-disk tensor belongs to (the planner groups names the same way)."""
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return getattr(library, "malloc_trim", None)
+
+
+def return_freed_memory() -> None:
+    """Hand the C allocator's freed pages back to the system.
+
+    A layer's materialisation frees many mid-sized pieces (tensors as read, converted parts) that
+    glibc keeps for reuse; without this the resident memory of a walk stays above the memory
+    planner's estimate, which counts live tensors (benchmarks/experts_memory.py measures both).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager
@@ -162,7 +185,9 @@ class LayerWalker:
         missing = [n for n, p in layer.named_parameters() if p.is_meta]
         if missing:
             raise ValueError(f"{self.reader.model_dir}: layer {index} tensors missing on disk, e.g. {missing[0]}")
-        return self._to_device(layer)
+        layer = self._to_device(layer)
+        return_freed_memory()  # the pieces read and converted on the way
+        return layer
 
     def _to_device(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move every materialised tensor to the work device, leaving meta parameters alone."""
@@ -181,6 +206,7 @@ class LayerWalker:
             for name, param in list(module._parameters.items()):
                 if param is not None:
                     module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+        return_freed_memory()
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last layer's output: the model's final norm, then its output head."""
