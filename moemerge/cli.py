@@ -164,6 +164,12 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _add_source_flags(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """`--source S --data S=FILES` pairs, as `calibrate` and `diagnose` take them (see `_source_files`)."""
+    parser.add_argument("--source", action="append", required=True, help="a source (specialist) model folder")
+    parser.add_argument("--data", action="append", nargs="+", required=True, metavar="SOURCE=FILE", help=data_help)
+
+
 def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     from moemerge.calibrate.options import CalibrationOptions, RegMeanOptions, RouterSolveOptions
     from moemerge.data import DataOptions
@@ -206,15 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = commands.add_parser("calibrate", help="stage 2: re-solve every MoE router of a merged model with HARC")
     cal.add_argument("--merged", required=True, help="the stage-1 merged model folder")
-    cal.add_argument("--source", action="append", required=True, help="a source (specialist) model folder")
-    cal.add_argument(
-        "--data",
-        action="append",
-        nargs="+",
-        required=True,
-        metavar="SOURCE=FILE",
-        help="calibration files of a source's domain: SOURCE=FILE [FILE ...] (.jsonl or .txt)",
-    )
+    _add_source_flags(cal, "calibration files of a source's domain: SOURCE=FILE [FILE ...] (.jsonl or .txt)")
     cal.add_argument("-o", "--out", required=True, help="output model folder")
     cal.add_argument("--work-dir", help="folder of finished layers, for resuming (default: OUT.work)")
     cal.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -225,15 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnose", help="compare models with each source on its domain's held-out text: routing, loss, plots"
     )
     diag.add_argument("--model", action="append", required=True, help="a candidate model folder (repeatable)")
-    diag.add_argument("--source", action="append", required=True, help="a source (specialist) model folder")
-    diag.add_argument(
-        "--data",
-        action="append",
-        nargs="+",
-        required=True,
-        metavar="SOURCE=FILE",
-        help="text files of a source's domain: SOURCE=FILE [FILE ...]; evaluated on the --heldout split",
-    )
+    _add_source_flags(diag, "text files of a source's domain: SOURCE=FILE [FILE ...]; evaluated on the --heldout split")
     diag.add_argument("-o", "--out", required=True, help="report folder (report.json, report.md, PNG plots)")
     diag.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     diag.add_argument("--quiet", action="store_true", help="no progress bars")
