@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from references import blend, dense_curvature
 
-from moemerge.calibrate.operator import DomainCurvature, HarcSystem, blend_coefficients
+from moemerge.calibrate.operator import DomainCurvature, HarcSystem
 
 E, D, N = 5, 7, 40
 
@@ -17,35 +18,13 @@ def _problem(seed: int, kind: str, bias: bool, n: int = N):
     return X, W, b, V
 
 
-def _dense(X, W, b, kind):
-    """(1/N) sum_x kron(H(x), x x^T) for row-major vec(V), built from the definition in float64."""
-    Xe = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1) if b is not None else X
-    We = torch.cat([W, b[:, None]], dim=1) if b is not None else W
-    A = torch.zeros(E * Xe.shape[1], E * Xe.shape[1], dtype=torch.float64)
-    for x in Xe:
-        z = We @ x
-        if kind == "sigmoid":
-            s = torch.sigmoid(z)
-            H = torch.diag(s * (1 - s))
-        else:
-            p = torch.softmax(z, dim=0)
-            H = torch.diag(p) - torch.outer(p, p)
-        A += torch.kron(H, torch.outer(x, x))
-    return A / len(Xe)
-
-
-def _blend(A, gamma):
-    a, c = blend_coefficients(gamma)
-    return a * A + c * torch.diag(torch.diagonal(A))
-
-
 @pytest.mark.parametrize("kind", ["softmax", "topk_softmax", "sigmoid"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("gamma", [0.6, 1.0, 1.7])
 def test_operator_matches_dense_definition(kind, bias, gamma):
     X, W, b, V = _problem(1, kind, bias)
     dense_kind = "sigmoid" if kind == "sigmoid" else "softmax"
-    A = _dense(X, W, b, dense_kind)
+    A = dense_curvature(X, W, b, dense_kind)
     # float64 compute and a batch size that does not divide N: exercise batching and the tail.
     dom = DomainCurvature(X, W, b, kind=kind, dtype=torch.float64, batch_size=13)
     dim = dom.dim
@@ -55,7 +34,7 @@ def test_operator_matches_dense_definition(kind, bias, gamma):
     torch.testing.assert_close(dom.blocks(), expected_blocks, rtol=1e-12, atol=1e-12)
 
     system = HarcSystem([dom], gamma)
-    Ag = _blend(A, gamma)
+    Ag = blend(A, gamma)
     torch.testing.assert_close(system.apply(V), (Ag @ V.reshape(-1)).reshape(E, dim), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(system.diagonal(), torch.diagonal(Ag).reshape(E, dim), rtol=1e-12, atol=1e-12)
     blended_blocks = torch.stack([Ag[e * dim : (e + 1) * dim, e * dim : (e + 1) * dim] for e in range(E)])
@@ -68,13 +47,13 @@ def test_system_weights_domains_equally_and_sums_them():
     """Two domains of different sizes: sum_i A_i^g with each A_i normalised by its own N_i."""
     gamma = 0.8
     (X1, W1, _, V), (X2, W2, _, _) = _problem(2, "softmax", False, n=30), _problem(3, "softmax", False, n=90)
-    A = _blend(_dense(X1, W1, None, "softmax"), gamma) + _blend(_dense(X2, W2, None, "softmax"), gamma)
+    A = blend(dense_curvature(X1, W1, None, "softmax"), gamma) + blend(dense_curvature(X2, W2, None, "softmax"), gamma)
     doms = [DomainCurvature(X, W, dtype=torch.float64) for X, W in ((X1, W1), (X2, W2))]
     system = HarcSystem(doms, gamma)
     torch.testing.assert_close(system.apply(V), (A @ V.reshape(-1)).reshape(E, D), rtol=1e-12, atol=1e-12)
     rhs = (
-        _blend(_dense(X1, W1, None, "softmax"), gamma) @ W1.reshape(-1)
-        + _blend(_dense(X2, W2, None, "softmax"), gamma) @ W2.reshape(-1)
+        blend(dense_curvature(X1, W1, None, "softmax"), gamma) @ W1.reshape(-1)
+        + blend(dense_curvature(X2, W2, None, "softmax"), gamma) @ W2.reshape(-1)
     ).reshape(E, D)
     torch.testing.assert_close(system.rhs(), rhs, rtol=1e-12, atol=1e-12)
 
@@ -111,7 +90,7 @@ def test_quadratic_form_is_second_order_taylor_term_of_kl(kind):
     dom = DomainCurvature(X, Wi, kind=kind, dtype=torch.float64)
     quad = 0.5 * torch.dot(delta, dom.apply(V - Wi).reshape(-1))
     torch.testing.assert_close(quad, 0.5 * delta @ hessian @ delta, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(hessian, _dense(X, Wi, None, kind), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hessian, dense_curvature(X, Wi, None, kind), rtol=1e-10, atol=1e-12)
     # And the KL itself is second order at W_i: for a small step it matches the quadratic form.
     t = 1e-3
     torch.testing.assert_close(mean_kl((Wi + t * (V - Wi)).reshape(-1)), t**2 * quad, rtol=1e-2, atol=0.0)

@@ -4,9 +4,10 @@ import logging
 
 import pytest
 import torch
+from references import blend, dense_curvature
 
 from moemerge.calibrate.cg import conjugate_gradient
-from moemerge.calibrate.operator import DomainCurvature, HarcSystem, blend_coefficients
+from moemerge.calibrate.operator import DomainCurvature, HarcSystem
 from moemerge.calibrate.preconditioners import _shift_space_inverse, build_preconditioner, required_bytes
 from moemerge.calibrate.solve import RouterSolveOptions, solve_router
 
@@ -37,21 +38,8 @@ def _dense_system(X, W, b, kind, gamma):
     """Dense (E*dim)^2 matrix sum_i A_i^g and right-hand side sum_i A_i^g vec(W_i), float64."""
     total, rhs = 0, 0
     for i, Xi in enumerate(X):
-        Xe = torch.cat([Xi, torch.ones(len(Xi), 1, dtype=Xi.dtype)], 1) if b else Xi
+        A = blend(dense_curvature(Xi, W[i], b[i] if b else None, kind), gamma)
         We = torch.cat([W[i], b[i][:, None]], 1) if b else W[i]
-        A = 0
-        for x in Xe:
-            z = We @ x
-            if kind == "sigmoid":
-                s = torch.sigmoid(z)
-                H = torch.diag(s * (1 - s))
-            else:
-                p = torch.softmax(z, 0)
-                H = torch.diag(p) - torch.outer(p, p)
-            A = A + torch.kron(H, torch.outer(x, x))
-        A = A / len(Xe)
-        a, c = blend_coefficients(gamma)
-        A = a * A + c * torch.diag(torch.diagonal(A))
         total, rhs = total + A, rhs + A @ We.reshape(-1)
     return total, rhs
 
