@@ -22,7 +22,7 @@ from moemerge.calibrate.runner import Calibrator, Domain
 from moemerge.calibrate.solve import solve_router
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.config import Recipe
-from moemerge.merge.driver import merge_checkpoints
+from moemerge.pipeline.stage1 import merge_checkpoints
 
 
 def main() -> None:

@@ -93,7 +93,7 @@ def run_one(tool: str, recipe_path: Path, out: Path, shard_bytes: int) -> None:
     import yaml
 
     if tool == "moemerge":
-        from moemerge.merge.driver import merge_checkpoints
+        from moemerge.pipeline.stage1 import merge_checkpoints
     else:
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
@@ -144,7 +144,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from moemerge.merge.driver import RELEASE_BYTES, parse_size
+    from moemerge.merge.tensors import RELEASE_BYTES
+    from moemerge.units import parse_size
 
     shard_bytes = parse_size(args.shard_size)
     recipe_path = args.workdir / f"{args.method}.yaml"

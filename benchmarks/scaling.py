@@ -81,10 +81,10 @@ def child_solve(config: dict) -> dict:
     """One rank of one solve; writes the solution (rank 0) and returns timings and memory."""
     import torch
 
-    from moemerge.calibrate.distributed import assign_shards, init_ranks
     from moemerge.calibrate.memory import solver_bytes
     from moemerge.calibrate.options import RouterSolveOptions
     from moemerge.calibrate.solve import solve_router
+    from moemerge.distributed import assign_shards, init_ranks
 
     torch.set_num_threads(config["threads"])
     ranks = init_ranks("cpu")

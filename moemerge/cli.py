@@ -139,7 +139,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from moemerge.pipeline import run_recipe
+    from moemerge.pipeline.run import run_recipe
 
     print(run_recipe(args.recipe, args.out, stage1=args.stage1, overwrite=args.overwrite, progress=not args.quiet))
 
@@ -151,7 +151,7 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    from moemerge.merge.driver import merge_checkpoints
+    from moemerge.pipeline.stage1 import merge_checkpoints
 
     out = merge_checkpoints(
         args.recipe,

@@ -25,7 +25,6 @@ import yaml
 from conftest import make_specialists
 
 from moemerge.architectures.layout import load_layout
-from moemerge.calibrate.distributed import Ranks, assign_shards
 from moemerge.calibrate.memory import MemoryBudget, ModelShape, parse_budget, plan_memory, rank_tokens
 from moemerge.calibrate.options import CalibrationOptions, RouterSolveOptions
 from moemerge.calibrate.runner import SUMMARY_FILE, Calibrator, Domain, calibrate
@@ -33,6 +32,7 @@ from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.checkpoint.writer import CheckpointWriter
 from moemerge.cli import main
 from moemerge.data import DataOptions
+from moemerge.distributed import Ranks, assign_shards
 from moemerge.merge.distributed import plan_shards
 
 needs_gloo = pytest.mark.skipif(

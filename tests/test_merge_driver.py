@@ -262,7 +262,7 @@ def test_small_shards_are_indexed_and_load(models, tmp_path):
 
 def test_linear_weight_flags_come_from_the_meta_model(models):
     from moemerge.config import Recipe
-    from moemerge.merge.driver import plan_merge
+    from moemerge.merge.plan import plan_merge
 
     recipe = Recipe.model_validate(recipe_for(models, "wudi", {}, [{}, {}]))
     plan = plan_merge(recipe)
@@ -274,12 +274,13 @@ def test_linear_weight_flags_come_from_the_meta_model(models):
 
 
 def test_parse_size():
-    from moemerge.merge.driver import MergeError, parse_size
+    from moemerge.units import parse_size
 
     assert parse_size("2GB") == 2 * 10**9
     assert parse_size("500MiB") == 500 * 2**20
     assert parse_size("1234") == 1234
-    with pytest.raises(MergeError, match="shard size"):
+    assert parse_size(" 1.5 kib ") == 1536
+    with pytest.raises(ValueError, match="size 'two gigs'"):
         parse_size("two gigs")
 
 
@@ -296,7 +297,7 @@ def test_integer_tensors_are_copied_from_the_base(models, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without a GPU")
 def test_cuda_falls_back_to_cpu_without_a_gpu(models, tmp_path):
-    from moemerge.merge.driver import resolve_device
+    from moemerge.merge.plan import resolve_device
 
     assert resolve_device("cuda") == "cpu"
     assert (

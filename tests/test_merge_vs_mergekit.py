@@ -79,7 +79,7 @@ def _both(family: dict, tag: str, text: str) -> tuple[dict, dict, dict]:
     from safetensors.torch import load_file
     from transformers.core_model_loading import revert_weight_conversion
 
-    from moemerge.merge.driver import merge_checkpoints
+    from moemerge.pipeline.stage1 import merge_checkpoints
 
     path = family["root"] / f"{tag}.yaml"
     path.write_text(text)

@@ -15,7 +15,8 @@ from moemerge.calibrate.runner import SUMMARY_FILE
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.config import RecipeError, load_recipe
 from moemerge.data import DataOptions, batches, load_domain
-from moemerge.merge.driver import MergeError, merge_checkpoints
+from moemerge.merge.plan import MergeError
+from moemerge.pipeline.stage1 import merge_checkpoints
 
 ALPHA = 0.8
 CALIBRATE = {"data": {"max_length": 40}, "batch_tokens": 256, "regmean": {"alpha": ALPHA, "min_tokens": 4}}

@@ -38,7 +38,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from moemerge.data import DataOptions
     from moemerge.diagnose.evaluate import diagnose
     from moemerge.diagnose.options import DiagnoseOptions
-    from moemerge.merge.driver import merge_checkpoints
+    from moemerge.pipeline.stage1 import merge_checkpoints
 
     build = _build_module()
     root = tmp_path_factory.mktemp("specialists")

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from moemerge.diagnose.report import headline_note, headline_table, load_report
-    from moemerge.pipeline import run_recipe
+    from moemerge.pipeline.run import run_recipe
 
     if not (HERE / "checkpoints" / args.family / "base").is_dir():
         raise SystemExit(f"{HERE / 'checkpoints' / args.family}: no shipped specialists; build them with build.py")

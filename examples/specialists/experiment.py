@@ -123,7 +123,7 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
     from moemerge.diagnose.evaluate import diagnose
     from moemerge.diagnose.options import DiagnoseOptions
     from moemerge.diagnose.report import ORACLE_SUFFIX
-    from moemerge.merge.driver import merge_checkpoints
+    from moemerge.pipeline.stage1 import merge_checkpoints
 
     root = work / family
     if root.exists():

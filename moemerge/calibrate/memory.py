@@ -87,13 +87,14 @@ from dataclasses import dataclass
 import torch
 
 from moemerge.architectures.layout import ArchitectureError, ModelLayout, build_meta_model
-from moemerge.calibrate.distributed import assign_shards
 from moemerge.calibrate.experts import FusedExperts, RegMeanSums, experts_module
 from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, RouterSolveOptions
 from moemerge.calibrate.preconditioners import choose_preconditioner, required_bytes
 from moemerge.calibrate.walk import LAYER_INDEX
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.data import pack
+from moemerge.distributed import assign_shards
+from moemerge.units import parse_size
 
 _FALLBACK: tuple[PreconditionerName, ...] = ("block", "kronecker", "diagonal", "none")
 _PHASES = ("materialise", "forward", "solve", "load", "pass", "regmean", "output")
@@ -118,8 +119,6 @@ class MemoryBudget:
 
 def parse_budget(text: str | int | None, device: str) -> MemoryBudget:
     """``64GB`` (the memory the work runs in: host on cpu, the GPU with cuda) or ``host=200GB,device=80GB``."""
-    from moemerge.merge.driver import parse_size
-
     if text is None:
         return MemoryBudget()
     cuda = device.startswith("cuda")

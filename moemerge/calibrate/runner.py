@@ -30,7 +30,6 @@ import torch
 
 from moemerge.architectures.layout import ModelLayout, MoeLayer, load_layout
 from moemerge.architectures.routing import top_k_agreement, top_k_experts
-from moemerge.calibrate.distributed import Ranks, init_ranks
 from moemerge.calibrate.experts import RegMeanCalibration
 from moemerge.calibrate.memory import ModelShape, parse_budget, plan_memory
 from moemerge.calibrate.options import CalibrationOptions
@@ -40,6 +39,7 @@ from moemerge.checkpoint.card import model_card
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.checkpoint.writer import CheckpointWriter
 from moemerge.data import Batch, batches, load_domain
+from moemerge.distributed import Ranks, init_ranks
 
 logger = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.data import Batch, DataOptions, TokenizedDomain, batches, load_domain
 from moemerge.diagnose.metrics import RoutingTally, kl_description
 from moemerge.diagnose.options import DiagnoseOptions
+from moemerge.diagnose.output import write_report
 from moemerge.diagnose.report import (
     ORACLE_SUFFIX,
     Calibration,
@@ -44,7 +45,6 @@ from moemerge.diagnose.report import (
     Evaluation,
     Report,
     Role,
-    write_report,
 )
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The diagnostics report: what was measured, as JSON, as markdown tables, and written atomically with its plots.
+"""The diagnostics report: what was measured, as JSON and as markdown tables (written by diagnose/output.py).
 
 A `Report` holds one `Evaluation` per (model, domain): a candidate on every domain, each candidate
 with the domain's source routers swapped in (`oracle` rows, when asked for), and every source on its
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -513,29 +511,3 @@ def markdown(report: Report, plots: list[str] = ()) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)
-
-
-def write_report(report: Report, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write report.json, report.md and the PNG plots to `out_dir` atomically (temporary folder, then rename)."""
-    from moemerge.diagnose.plots import write_plots
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"{out_dir}: report folder exists; pass overwrite to replace it")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        plots = write_plots(report, tmp)
-        (tmp / REPORT_JSON).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-        (tmp / REPORT_MD).write_text(markdown(report, plots))
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir

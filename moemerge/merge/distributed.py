@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moemerge.calibrate.distributed import Ranks, assign_shards, init_ranks
 from moemerge.checkpoint.writer import CheckpointWriter, save_shard, shard_file_name
-from moemerge.merge.driver import MergeError, MergePlan, merge_tensors
+from moemerge.distributed import Ranks, assign_shards, init_ranks
+from moemerge.merge.plan import MergeError, MergePlan
+from moemerge.merge.tensors import merge_tensors
 
 if TYPE_CHECKING:
     import torch

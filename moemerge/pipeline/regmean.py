@@ -27,7 +27,12 @@ import os
 import shutil
 from pathlib import Path
 
+from moemerge.calibrate.options import CalibrationOptions
+from moemerge.calibrate.runner import Domain, calibrate
+from moemerge.checkpoint.card import model_card
 from moemerge.config import Recipe
+from moemerge.merge.driver import merge_per_tensor
+from moemerge.merge.plan import MergeError, plan_merge
 
 LOG = logging.getLogger(__name__)
 
@@ -39,8 +44,6 @@ DEFAULT_REST = "linear"
 
 def rest_recipe(recipe: Recipe) -> Recipe:
     """The recipe of step 1: the `rest` method with every other parameter of the regmean recipe."""
-    from moemerge.merge.driver import MergeError
-
     rest = recipe.parameters.get(REST, DEFAULT_REST)
     if not isinstance(rest, str):
         raise MergeError(f"parameters.{REST}: name one per-tensor merge method (e.g. linear), got {rest!r}")
@@ -50,10 +53,8 @@ def rest_recipe(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"merge_method": rest, "parameters": parameters, "calibrate": None})
 
 
-def regmean_options(recipe: Recipe):
+def regmean_options(recipe: Recipe) -> CalibrationOptions:
     """The walk's options: the recipe's calibrate section with every linear layer solved and the routers kept."""
-    from moemerge.calibrate.options import CalibrationOptions
-
     section = recipe.calibrate.model_dump(exclude={"domains"})
     section["regmean"]["linear_layers"] = "all"
     return CalibrationOptions.model_validate(section | {"experts": True, "routers": False})
@@ -70,10 +71,6 @@ def merge_regmean(
     recipe_text: str,
 ) -> Path:
     """Run both steps into `out_dir` (checked by the caller: not an input, absent unless `overwrite`)."""
-    from moemerge.calibrate.runner import Domain, calibrate
-    from moemerge.checkpoint.card import model_card
-    from moemerge.merge.driver import MergeError, merge_checkpoints, plan_merge
-
     step1 = rest_recipe(recipe)
     options = regmean_options(recipe)
     try:
@@ -98,9 +95,10 @@ def merge_regmean(
     if rest_model.is_dir():  # written atomically, so complete: reused by a resumed run
         LOG.info("%s: reusing the %s merge of an earlier run", rest_model, step1.merge_method)
     else:
-        merge_checkpoints(
+        merge_per_tensor(
             step1,
             rest_model,
+            overwrite=False,
             device=device,
             max_shard_bytes=max_shard_bytes,
             progress=progress,

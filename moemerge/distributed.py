@@ -1,9 +1,10 @@
-"""torch.distributed for moemerge: which rank holds which batches, sums over all ranks' tokens.
+"""torch.distributed for moemerge: which rank holds which work, sums over all ranks' tokens.
 
-Stage 2 is data parallel over calibration batches. Every rank builds the same batches of every
-domain (tokenising is cheap and deterministic), keeps its share (:meth:`Ranks.shard`), and runs
-each decoder layer on that share only, so hidden states and router inputs are split across
-ranks. Every sum over tokens the solver needs (operator applications, right-hand side,
+It sits below both stages: stage 1 (moemerge/merge/distributed.py) hands each rank whole output
+shards (:func:`assign_shards`), and stage 2 is data parallel over calibration batches. Every rank
+builds the same batches of every domain (tokenising is cheap and deterministic), keeps its share
+(:meth:`Ranks.shard`), and runs each decoder layer on that share only, so hidden states and router
+inputs are split across ranks. Every sum over tokens the solver needs (operator applications, right-hand side,
 diagonal, preconditioner blocks and factors, token counts, agreement counts) is a float64
 partial sum that :meth:`Ranks.reduce` all-reduces, through the operator's ``reduce`` hook
 (moemerge/calibrate/operator.py). So every rank holds the same statistics of the union of all

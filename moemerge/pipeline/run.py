@@ -11,7 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moemerge.calibrate.options import CalibrationOptions
+from moemerge.calibrate.runner import Domain, calibrate
 from moemerge.config import load_recipe
+from moemerge.diagnose.evaluate import diagnose
+from moemerge.diagnose.options import DiagnoseOptions
+from moemerge.diagnose.report import headline_table
+from moemerge.pipeline.stage1 import merge_checkpoints
 
 
 def run_recipe(
@@ -23,10 +29,6 @@ def run_recipe(
     progress: bool = True,
 ) -> Path:
     """Run every stage the recipe asks for; returns the final model folder."""
-    from moemerge.calibrate.options import CalibrationOptions
-    from moemerge.calibrate.runner import Domain, calibrate
-    from moemerge.merge.driver import merge_checkpoints
-
     recipe = load_recipe(recipe_path)
     out_dir = Path(out_dir)
     if recipe.calibrate is None:
@@ -50,12 +52,10 @@ def run_recipe(
     return calibrated
 
 
-def _diagnose_into(model: Path, stage1: str, domains: list, options, progress: bool) -> None:
+def _diagnose_into(
+    model: Path, stage1: str, domains: list[Domain], options: CalibrationOptions, progress: bool
+) -> None:
     """Report stage 1 vs calibrated (plus oracle routers) into MODEL/report; headline into the card."""
-    from moemerge.diagnose.evaluate import diagnose
-    from moemerge.diagnose.options import DiagnoseOptions
-    from moemerge.diagnose.report import headline_table
-
     diagnose_options = DiagnoseOptions(
         data=options.data,
         batch_tokens=options.batch_tokens,

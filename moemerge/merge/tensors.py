@@ -1,0 +1,76 @@
+"""The stage-1 tensor loop: for each on-disk name read base + K sources, merge, hand to a writer, drop.
+
+At any time the loop holds the K+1 versions of ONE tensor (plus the kernel's temporaries and the
+writer's current shard). `merge_tensors` takes any list of names, so the distributed version
+(`merge/distributed.py`) gives each rank its own subset and writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from moemerge.merge.plan import MergePlan, is_float_code
+
+if TYPE_CHECKING:
+    import torch
+
+    from moemerge.checkpoint.writer import CheckpointWriter
+
+RELEASE_BYTES = 64 * 2**20
+"""Bytes a reader may read before its memory-mapped shards are closed (see `merge_tensors`)."""
+
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
+
+
+def merge_tensor(plan: MergePlan, name: str, device: str = "cpu") -> torch.Tensor:
+    """The output tensor of one on-disk name, in the output dtype, on the CPU."""
+    from moemerge.merge.registry import TensorContext
+
+    out_dtype = _torch_dtype(plan.recipe.output_dtype)
+    if name in plan.copy_from:
+        tensor = plan.readers[plan.copy_from[name]].read(name)
+        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+    reference = plan.readers[plan.reference]
+    if not is_float_code(reference.info(name).dtype):
+        return reference.read(name)  # integer buffers (e.g. position ids) are not weights: keep the reference's
+    work = _torch_dtype(plan.recipe.work_dtype)
+    base = plan.readers[plan.base].read(name).to(device=device, dtype=work) if plan.base else None
+    sources = [plan.readers[s].read(name).to(device=device, dtype=work) for s in plan.sources]
+    params, source_params = plan.params[name]
+    ctx = TensorContext(name, seed=plan.recipe.seed, is_linear_weight=name in plan.linear_weights)
+    merged = plan.method(base, sources, source_params, params, ctx)
+    del base, sources
+    return merged.to(device="cpu", dtype=out_dtype)
+
+
+def merge_tensors(
+    plan: MergePlan,
+    names: Sequence[str],
+    writer: CheckpointWriter,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    release_bytes: int = RELEASE_BYTES,
+) -> None:
+    """Merge `names` (any subset of `plan.names`, in any order) into `writer`, one tensor at a time.
+
+    The readers memory-map their shards, and every page a read touches stays mapped (and counted
+    in the process's RSS) until the file is closed; so each reader's handles are closed after it
+    has read `release_bytes`, which keeps that page cache to about K+1 times `release_bytes`.
+    """
+    from tqdm.auto import tqdm
+
+    read = dict.fromkeys(plan.readers, 0)
+    for name in tqdm(names, desc=f"{plan.method.name} merge", unit="tensor", disable=not progress):
+        writer.add(name, merge_tensor(plan, name, device))
+        for path, reader in plan.readers.items():
+            read[path] += reader.info(name).nbytes
+            if read[path] >= release_bytes:
+                reader.close()
+                read[path] = 0
