@@ -326,8 +326,8 @@ def test_missing_file_and_unknown_extension(tmp_path, tokenizer):
         load_domain("d", [tmp_path / "nope.jsonl"], tokenizer)
     with pytest.raises(DataError, match=rf"{tmp_path}: no such file"):
         load_domain("d", [tmp_path], tokenizer)
-    message = error(tmp_path, tokenizer, "data.csv", "text\nthe cat\n")
-    assert f"{tmp_path / 'data.csv'}: unknown file type '.csv'" in message and ".jsonl" in message
+    message = error(tmp_path, tokenizer, "data.tsv", "text\nthe cat\n")
+    assert f"{tmp_path / 'data.tsv'}: unknown file type '.tsv'" in message and ".parquet" in message
 
 
 def test_empty_domains(tmp_path, tokenizer):

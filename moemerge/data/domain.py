@@ -1,16 +1,12 @@
 """Calibration and held-out text for one domain: reading, sample selection, tokenisation, batching.
 
 HARC (docs/HARC.md, "Calibration activations") runs each source model's domain text through the merged
-model and keeps every non-padding token. This module turns a domain's files into token ids:
+model and keeps every non-padding token. This module turns a domain's data sources into token ids:
 
-1. **Read** every file into samples, each remembering its file and 1-based line:
-
-   - ``.jsonl``: one JSON object per line, with ``messages`` (a chat: a list of ``{role, content}``
-     dicts, rendered with the tokenizer's chat template) or ``text`` (used as is). A row with both uses
-     ``messages``. Blank lines are ignored.
-   - ``.json``: one JSON array of such rows; a row's line is the line where it starts.
-   - ``.txt``: the whole file is one sample (line 1), or, with ``DataOptions.txt_split_paragraphs``, one
-     sample per paragraph (blocks separated by blank lines; the line is the paragraph's first line).
+1. **Read** every data source into samples (`moemerge.data.readers`: JSONL, JSON, CSV, Parquet and
+   text files, Hub dataset splits), each remembering its file (or dataset) and line (or row). A row
+   becomes a sample by its sample format (`moemerge.data.spec`): a ``messages`` chat, a ``text``
+   column, or a template over named columns.
 
    ``text`` samples that are empty or only whitespace are dropped with a warning naming the count and
    the first of them; a domain left with no samples is an error.
@@ -32,17 +28,18 @@ torch and transformers are imported inside functions: importing this module must
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moemerge.data.readers import DataError, RawSample, SampleSource, read_source
+from moemerge.data.spec import DataSpec, check_sample_format, parse_data_source
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -50,19 +47,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".json", ".txt")
 DEFAULT_MAX_LENGTH = 2048
 # transformers stores a huge sentinel (int(1e30)) in model_max_length when a tokenizer declares none.
 _UNDECLARED_MAX_LENGTH = 10**9
 _TOKENIZE_CHUNK = 1024
 
 
-class DataError(ValueError):
-    """Calibration data that cannot be used; the message names the file and 1-based line."""
-
-
 class DataOptions(BaseModel):
-    """How a domain's files become calibration and held-out samples (CLI flags and YAML schema)."""
+    """How a domain's data sources become calibration and held-out samples (CLI flags and YAML schema)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -102,6 +94,20 @@ class DataOptions(BaseModel):
         ),
     )
 
+    sample_format: str = Field(
+        default="auto",
+        description=(
+            "How a row becomes a sample: auto (a 'messages' chat rendered with the chat template, else a 'text' "
+            "column), messages, text, or a template over named columns such as '{problem}\\n{solution}' "
+            "(a data source's own 'sample' wins)."
+        ),
+    )
+
+    @field_validator("sample_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return check_sample_format(value)
+
     @field_validator("max_samples", "heldout", mode="before")
     @classmethod
     def _no_bool(cls, value: Any) -> Any:
@@ -129,17 +135,6 @@ class DataOptions(BaseModel):
 
 
 @dataclass(frozen=True)
-class SampleSource:
-    """Where a sample came from: its file and the 1-based line where it starts."""
-
-    path: Path
-    line: int
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}"
-
-
-@dataclass(frozen=True)
 class TokenizedDomain:
     """The token ids of one domain's calibration (or held-out) samples, in the seeded shuffle order."""
 
@@ -147,6 +142,7 @@ class TokenizedDomain:
     split: Literal["calibration", "heldout"]
     samples: list[Tensor]  # 1-D int64 token ids, one tensor per sample
     sources: list[SampleSource]  # sources[i] is where samples[i] came from
+    report: dict[str, Any] = field(default_factory=dict)  # what was read and how many samples each split got
 
     @property
     def num_tokens(self) -> int:
@@ -170,26 +166,24 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-@dataclass(frozen=True)
-class _RawSample:
-    source: SampleSource
-    text: str | None = None
-    messages: list[dict[str, Any]] | None = None
-
-
 def load_domain(
     name: str,
-    files: Sequence[str | Path],
+    files: Sequence[str | Path | DataSpec],
     tokenizer: PreTrainedTokenizerBase,
     options: DataOptions | None = None,
 ) -> tuple[TokenizedDomain, TokenizedDomain | None]:
-    """Read, select and tokenise one domain's files; returns (calibration, held-out or None)."""
+    """Read, select and tokenise one domain's data sources; returns (calibration, held-out or None).
+
+    Both carry the same ``report``: each source read (file, or dataset id, config, split, revision and
+    commit, with its row count), and the samples kept, dropped as empty, held out and calibrating.
+    """
     options = options or DataOptions()
     if not files:
         raise DataError(f"domain {name!r}: no files given")
-    paths = [Path(f) for f in files]
-    raw = [sample for path in paths for sample in _read_file(path, options.txt_split_paragraphs)]
-    listed = ", ".join(str(p) for p in paths)
+    specs = [parse_data_source(str(f) if isinstance(f, Path) else f) for f in files]
+    reads = [read_source(spec, options.sample_format, options.txt_split_paragraphs) for spec in specs]
+    raw = [sample for read in reads for sample in read.samples]
+    listed = ", ".join(str(s) for s in specs)
     if not raw:
         raise DataError(f"domain {name!r}: no samples in {listed}")
 
@@ -208,11 +202,18 @@ def load_domain(
         )
 
     heldout_ids, calibration_ids = _split(len(raw), options, name)
+    report = {
+        "inputs": [read.record for read in reads],
+        "samples": len(raw),
+        "dropped_empty": len(blank),
+        "heldout": len(heldout_ids),
+        "calibration": len(calibration_ids),
+    }
     max_length = _max_length(options, tokenizer)
-    calibration = _tokenize(name, "calibration", [raw[i] for i in calibration_ids], tokenizer, max_length)
+    calibration = _tokenize(name, "calibration", [raw[i] for i in calibration_ids], tokenizer, max_length, report)
     heldout = None
     if heldout_ids:
-        heldout = _tokenize(name, "heldout", [raw[i] for i in heldout_ids], tokenizer, max_length)
+        heldout = _tokenize(name, "heldout", [raw[i] for i in heldout_ids], tokenizer, max_length, report)
     return calibration, heldout
 
 
@@ -253,146 +254,6 @@ def batches(domain: TokenizedDomain, batch_tokens: int, pad_id: int) -> Iterator
         yield Batch(input_ids=input_ids, attention_mask=attention_mask, indices=indices)
 
 
-def _read_file(path: Path, split_paragraphs: bool) -> list[_RawSample]:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".txt":
-        return _read_txt(path, split_paragraphs)
-    raise DataError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}")
-
-
-def _read_jsonl(path: Path) -> list[_RawSample]:
-    samples = []
-    with path.open("rb") as f:  # binary: lines split on b"\n" only, so line numbers match editors
-        for line_no, raw_line in enumerate(f, start=1):
-            source = SampleSource(path, line_no)
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{source}: not UTF-8 ({err.reason} at byte {err.start})") from err
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{source}: invalid JSON: {err.msg} (column {err.colno})") from err
-            samples.append(_parse_row(row, source))
-    return samples
-
-
-def _read_json(path: Path) -> list[_RawSample]:
-    text = _read_text(path)
-    decoder = json.JSONDecoder()
-    whitespace = re.compile(r"\s*")
-    lines = _LineCounter(text)
-
-    def invalid(err: json.JSONDecodeError) -> DataError:
-        return DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})")
-
-    pos = whitespace.match(text, 0).end()
-    if not text.startswith("[", pos):
-        raise DataError(f"{path}:{lines.at(pos)}: a .json file must hold one array of rows")
-    pos = whitespace.match(text, pos + 1).end()
-    samples = []
-    if text.startswith("]", pos):
-        end = pos + 1
-    else:
-        while True:
-            try:
-                row, pos_after = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
-                raise invalid(err) from err
-            samples.append(_parse_row(row, SampleSource(path, lines.at(pos))))
-            pos = whitespace.match(text, pos_after).end()
-            if text.startswith(",", pos):
-                pos = whitespace.match(text, pos + 1).end()
-            elif text.startswith("]", pos):
-                end = pos + 1
-                break
-            else:
-                raise invalid(json.JSONDecodeError("Expecting ',' or ']'", text, pos))
-    if whitespace.match(text, end).end() != len(text):
-        raise invalid(json.JSONDecodeError("Extra data after the array", text, end))
-    return samples
-
-
-def _read_txt(path: Path, split_paragraphs: bool) -> list[_RawSample]:
-    text = _read_text(path)
-    if not split_paragraphs:
-        return [_RawSample(SampleSource(path, 1), text=text)]
-    samples: list[_RawSample] = []
-    paragraph: list[str] = []
-    first_line = 0
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            if not paragraph:
-                first_line = line_no
-            paragraph.append(line)
-        elif paragraph:
-            samples.append(_RawSample(SampleSource(path, first_line), text="\n".join(paragraph)))
-            paragraph = []
-    if paragraph:
-        samples.append(_RawSample(SampleSource(path, first_line), text="\n".join(paragraph)))
-    return samples
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 ({err.reason})") from err
-
-
-class _LineCounter:
-    """1-based line of increasing offsets into a text, without rescanning from the start each time."""
-
-    def __init__(self, text: str) -> None:
-        self.text, self.pos, self.line = text, 0, 1
-
-    def at(self, pos: int) -> int:
-        self.line += self.text.count("\n", self.pos, pos)
-        self.pos = pos
-        return self.line
-
-
-def _parse_row(row: Any, source: SampleSource) -> _RawSample:
-    if not isinstance(row, dict):
-        got = type(row).__name__
-        raise DataError(f"{source}: expected a JSON object with 'messages' or 'text', got {got}")
-    if "messages" in row:
-        return _RawSample(source, messages=_check_messages(row["messages"], source))
-    if "text" in row:
-        if not isinstance(row["text"], str):
-            raise DataError(f"{source}: 'text' must be a string, got {type(row['text']).__name__}")
-        return _RawSample(source, text=row["text"])
-    keys = ", ".join(repr(k) for k in row) or "none"
-    raise DataError(f"{source}: row has neither 'messages' nor 'text' (keys: {keys})")
-
-
-def _check_messages(messages: Any, source: SampleSource) -> list[dict[str, Any]]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{source}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for k, message in enumerate(messages):
-        where = f"{source}: messages[{k}]"
-        if not isinstance(message, dict):
-            got = type(message).__name__
-            raise DataError(f"{where} must be an object with 'role' and 'content', got {got}")
-        if not isinstance(message.get("role"), str):
-            raise DataError(f"{where} needs a string 'role'")
-        if "content" not in message:
-            raise DataError(f"{where} has no 'content'")
-        if not isinstance(message["content"], str | list | None):
-            raise DataError(f"{where}: 'content' must be a string or a list of parts")
-    return messages
-
-
 def _count(value: int | float, n: int) -> int:
     """A count stays; a fraction of n rounds down (tolerating float error) to at least 1."""
     if isinstance(value, int):
@@ -427,9 +288,10 @@ def _max_length(options: DataOptions, tokenizer: PreTrainedTokenizerBase) -> int
 def _tokenize(
     name: str,
     split: Literal["calibration", "heldout"],
-    raw: list[_RawSample],
+    raw: list[RawSample],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
+    report: dict[str, Any],
 ) -> TokenizedDomain:
     import torch
 
@@ -454,10 +316,10 @@ def _tokenize(
         if not sample_ids:
             raise DataError(f"{sample.source}: sample has no tokens")
         samples.append(torch.tensor(sample_ids, dtype=torch.long))
-    return TokenizedDomain(name=name, split=split, samples=samples, sources=[s.source for s in raw])
+    return TokenizedDomain(name=name, split=split, samples=samples, sources=[s.source for s in raw], report=report)
 
 
-def _render(sample: _RawSample, tokenizer: PreTrainedTokenizerBase) -> str:
+def _render(sample: RawSample, tokenizer: PreTrainedTokenizerBase) -> str:
     if sample.messages is None:
         assert sample.text is not None
         return sample.text
