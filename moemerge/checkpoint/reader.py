@@ -92,6 +92,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def folder_stamp(model_dir: str | Path) -> list:
+    """Path, then name, size and modification time of each file of a folder: a rebuilt checkpoint differs.
+
+    What a resumable run's leftovers are keyed on; hashing the weights would read every byte first.
+    """
+    folder = Path(model_dir).resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return [str(folder)] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 class CheckpointReader:
     """One model folder: its config and its tensors by on-disk name, read lazily."""
 

@@ -4,6 +4,12 @@ Tensors are written under the names they are given (the caller passes on-disk na
 input's layout, per-expert or fused, is kept), in shards of at most `max_shard_bytes`. Everything
 goes to a hidden temporary folder next to the target, which is renamed into place by `finalize`;
 any exception removes the temporary folder, so a failed run never leaves a half-written model.
+
+A write the disk refuses (full disk, quota, file-size limit) is a one-line `CheckpointError`
+naming the output, not the safetensors library's traceback. A resumable writer (`resume_key`)
+keeps its folder under a name derived from the key instead of a random one: a run that is killed
+(or interrupted with Ctrl-C) leaves it, and the next run with the same key adopts the shards it
+finished (merge/distributed.py); an error still removes it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,24 +50,63 @@ def shard_file_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+@contextmanager
+def disk_errors(out_dir: Path) -> Iterator[None]:
+    """Turn a write the disk refuses into a one-line CheckpointError naming the output `out_dir`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+    except SafetensorError as err:  # the Rust writer reports I/O failures as "... I/O error: <reason>"
+        if "I/O error" not in str(err):
+            raise
+        reason = str(err).split("I/O error:", 1)[1].strip()
+    else:
+        return
+    raise CheckpointError(f"{out_dir}: writing failed ({reason}); the output was not written") from None
+
+
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write one shard: the bytes depend on the tensors alone, whichever process writes it."""
+    """Write one shard under a temporary name, then rename it: `path` exists only when complete.
+
+    The bytes depend on the tensors alone, whichever process writes them.
+    """
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    partial = path.with_name(path.name + ".part")
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    partial.rename(path)
 
 
 class CheckpointWriter:
     """Collects tensors into shards in a temporary folder; `finalize` moves the folder into place."""
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        resume_key: str | None = None,
+    ):
+        """`resume_key`: keep the folder for a rerun with the same key (the caller holds `folder_lock(out_dir)`)."""
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise CheckpointError(f"{self.out_dir}: output exists; pass overwrite to replace it")
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp_dir.mkdir(parents=True)
+        self.resumable = resume_key is not None
+        if resume_key is None:
+            self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        else:
+            self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{resume_key[:16]}"
+            for other in self.out_dir.parent.glob(f".{self.out_dir.name}.partial-*"):
+                if other != self.tmp_dir:  # a killed run of other inputs: its shards can never be used
+                    shutil.rmtree(other, ignore_errors=True)
+        with disk_errors(self.out_dir):
+            self.tmp_dir.mkdir(parents=True, exist_ok=self.resumable)
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
@@ -81,7 +128,8 @@ class CheckpointWriter:
 
     def _flush(self) -> None:
         path = self.tmp_dir / shard_file_name(len(self._shards))
-        save_shard(self._pending, path)
+        with disk_errors(self.out_dir):
+            save_shard(self._pending, path)
         self._shards.append((path, list(self._pending)))
         self._written.update(self._pending)
         self._pending, self._pending_bytes = {}, 0
@@ -108,10 +156,12 @@ class CheckpointWriter:
         for name in SUPPORT_FILES:
             path = Path(source_dir) / name
             if path.is_file():
-                shutil.copy2(path, self.tmp_dir / name)
+                with disk_errors(self.out_dir):
+                    shutil.copy2(path, self.tmp_dir / name)
 
     def write_text(self, name: str, text: str) -> None:
-        (self.tmp_dir / name).write_text(text)
+        with disk_errors(self.out_dir):
+            (self.tmp_dir / name).write_text(text)
 
     def finalize(self, expected: set[str] | None = None) -> Path:
         """Write the last shard and the index, check completeness, move the folder into place."""
@@ -135,7 +185,7 @@ class CheckpointWriter:
             weight_map.update(dict.fromkeys(names, final))
         if total > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            self.write_text(INDEX_FILE, json.dumps(index, indent=2) + "\n")
         self._move_into_place()
         return self.out_dir
 
@@ -154,6 +204,8 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self.resumable and exc_type is not None and not issubclass(exc_type, Exception):
+            return  # Ctrl-C or exit: the finished shards are kept for the rerun
         if self.tmp_dir.exists():  # finalize renamed it away; anything left is unfinished work
             self.abort()

@@ -1,4 +1,4 @@
-"""Stage 1 under torchrun: ranks merge whole output shards; the folder is the single-process one, byte for byte.
+"""Stage 1 in whole output shards, on one rank or many (torchrun); the output is the same, byte for byte.
 
 The single-process writer packs tensors, in the reference's name order, into shards of at most
 ``max_shard_bytes``; which tensor lands in which shard depends only on the output sizes, and
@@ -12,17 +12,23 @@ merge byte for byte (tests/test_distributed.py). No tensor crosses the network; 
 folder must be on a file system every rank can write (the inputs are read by every rank).
 
 If any rank fails, every rank raises and rank 0 removes the temporary folder: the output is
-either complete or absent.
+either complete or absent. A single process is the same code with one rank (merge/driver.py).
+
+Resume: every shard is written under a temporary name and renamed when complete, into a folder
+named after the run's inputs (`resume_key`), which a killed run leaves behind; the rerun merges
+only the shards not there yet, so its output is the uninterrupted one byte for byte.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moemerge.checkpoint.writer import CheckpointWriter, save_shard, shard_file_name
+from moemerge.checkpoint.reader import CheckpointError, read_header
+from moemerge.checkpoint.writer import CheckpointWriter, disk_errors, save_shard, shard_file_name
 from moemerge.distributed import Ranks, assign_shards, init_ranks
 from moemerge.merge.plan import MergeError, MergePlan
 from moemerge.merge.tensors import merge_tensors
@@ -82,6 +88,14 @@ class _ShardFiles:
             self.pending = {}
 
 
+def _finished(path: Path, names: list[str]) -> bool:
+    """Whether an earlier run of the same inputs left shard `path` complete (shards appear by rename only)."""
+    try:
+        return path.is_file() and set(read_header(path)) == set(names)
+    except CheckpointError:
+        return False
+
+
 def merge_sharded(
     plan: MergePlan,
     out_dir: Path,
@@ -91,32 +105,43 @@ def merge_sharded(
     device: str,
     max_shard_bytes: int,
     progress: bool,
+    resume_key: str | None = None,
     ranks: Ranks | None = None,
 ) -> Path:
-    """Merge `plan` into `out_dir` across the ranks of a torchrun job; `finish(writer)` adds the support files.
+    """Merge `plan` into `out_dir`, on one process or on every rank of a torchrun job; `finish(writer)` adds the
+    support files.
 
-    Every rank calls this with the same plan; every rank returns `out_dir` or raises.
+    Every rank calls this with the same plan; every rank returns `out_dir` or raises. With
+    `resume_key` (which must change whenever the inputs or the recipe do) the shards a killed run
+    finished are kept under that key and not merged again.
     """
     ranks = ranks or init_ranks(device)
     sizes = [(name, output_bytes(plan, name)) for name in plan.names]
     shards = plan_shards(sizes, max_shard_bytes)
     shard_bytes = [sum(dict(sizes)[n] for n in names) for names in shards]
     mine = assign_shards(shard_bytes, ranks.world_size)[ranks.rank] if ranks.distributed else range(len(shards))
-    writer = None
-    if ranks.is_writer:
-        writer = CheckpointWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
-    try:
+    settings = {"overwrite": overwrite, "max_shard_bytes": max_shard_bytes, "resume_key": resume_key}
+    with CheckpointWriter(out_dir, **settings) if ranks.is_writer else nullcontext() as writer:
         tmp_dir = ranks.broadcast(writer.tmp_dir if writer is not None else None)
-        error = None
-        try:
-            files = _ShardFiles(tmp_dir, {k: shards[k] for k in mine}, dict(sizes))
-            names = [name for k in mine for name in shards[k]]
-            merge_tensors(plan, names, files, device=str(ranks.device), progress=progress and ranks.is_writer)
-        except Exception as err:  # reported to every rank below
-            error = f"rank {ranks.rank}: {type(err).__name__}: {err}"
-        errors = [e for e in ranks.all_gather(error) if e is not None]
-        if errors:
-            raise MergeError("distributed merge failed: " + "; ".join(errors))
+
+        def merge_mine() -> None:
+            todo = [k for k in mine if not _finished(tmp_dir / shard_file_name(k), shards[k])]
+            files = _ShardFiles(tmp_dir, {k: shards[k] for k in todo}, dict(sizes))
+            names = [name for k in todo for name in shards[k]]
+            with disk_errors(out_dir):
+                merge_tensors(plan, names, files, device=str(ranks.device), progress=progress and ranks.is_writer)
+
+        if not ranks.distributed:
+            merge_mine()
+        else:
+            error = None
+            try:
+                merge_mine()
+            except Exception as err:  # reported to every rank below
+                error = f"rank {ranks.rank}: {type(err).__name__}: {err}"
+            errors = [e for e in ranks.all_gather(error) if e is not None]
+            if errors:
+                raise MergeError("distributed merge failed: " + "; ".join(errors))
 
         def adopt_and_finalize() -> Path:
             assert writer is not None
@@ -126,6 +151,3 @@ def merge_sharded(
             return writer.finalize(expected=set(plan.names))
 
         return ranks.on_writer(adopt_and_finalize)
-    finally:
-        if writer is not None and writer.tmp_dir.exists():
-            writer.abort()

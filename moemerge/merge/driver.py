@@ -4,8 +4,8 @@
                                         found before any tensor is read or anything is written
     merge_tensors(plan, names, writer)  merge/tensors.py: the loop, one tensor at a time
     merge_per_tensor(recipe, out_dir)   here: both, plus config, tokenizer and model card, then
-                                        finalize (single process, or whole shards per rank under
-                                        torchrun: merge/distributed.py)
+                                        finalize (whole shards, by one process or per rank under
+                                        torchrun, resumable after a kill: merge/distributed.py)
 
 Every output tensor keeps the on-disk name, shape and layout of the reference model (the base, or
 the first source when there is none), so per-expert and fused checkpoints both come out as they
@@ -15,16 +15,17 @@ went in. Stage-1 `regmean`, which also needs the calibration walk, is composed a
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from pathlib import Path
 
+from moemerge import __version__
 from moemerge.checkpoint.card import model_card
+from moemerge.checkpoint.reader import folder_stamp
 from moemerge.checkpoint.writer import CheckpointWriter
 from moemerge.merge.distributed import merge_sharded
 from moemerge.merge.plan import MergePlan, plan_merge
 from moemerge.merge.recipe import MergeRecipe
-from moemerge.merge.tensors import merge_tensors
 
 
 def _output_config(plan: MergePlan, source_dir: str) -> str | None:
@@ -53,6 +54,20 @@ def _summary(plan: MergePlan) -> str:
     )
 
 
+def resume_key(recipe: MergeRecipe, recipe_text: str, *, device: str, max_shard_bytes: int) -> str:
+    """Everything a stage-1 output's bytes depend on: version, recipe, shard size, device, every input folder's files.
+
+    A killed merge's finished shards are kept under this key, and reused only by a run with the same one.
+    """
+    digest = hashlib.sha256()
+    settings = [__version__, recipe_text, recipe.model_dump(mode="json"), device, max_shard_bytes]
+    digest.update(json.dumps(settings, default=str).encode())
+    inputs = [*([recipe.base_model] if recipe.base_model else []), *recipe.source_paths, recipe.tokenizer_model]
+    for folder in dict.fromkeys(inputs):
+        digest.update(json.dumps(folder_stamp(folder)).encode())
+    return digest.hexdigest()
+
+
 def merge_per_tensor(
     recipe: MergeRecipe,
     out_dir: Path,
@@ -66,9 +81,11 @@ def merge_per_tensor(
     """Run a per-tensor stage-1 recipe into `out_dir` atomically (the caller has checked `out_dir`).
 
     Every check (configs, tensor names, shapes, parameters) runs before anything is written; a
-    failure later removes the temporary folder, so `out_dir` is either complete or untouched.
+    failure later removes the temporary folder, so `out_dir` is either complete or untouched. A
+    killed run leaves its finished shards, which the rerun adopts (merge/distributed.py).
     """
     plan = plan_merge(recipe)
+    key = resume_key(recipe, recipe_text, device=device, max_shard_bytes=max_shard_bytes)
 
     def finish(writer: CheckpointWriter) -> None:
         writer.copy_support_files(recipe.tokenizer_model)
@@ -78,14 +95,9 @@ def merge_per_tensor(
         card = model_card(recipe=recipe_text, sources=list(plan.sources), base=plan.base, summary=_summary(plan))
         writer.write_text("README.md", card)
 
-    try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank merges whole shards
-            sharded = {"overwrite": overwrite, "device": device, "max_shard_bytes": max_shard_bytes}
-            return merge_sharded(plan, out_dir, finish, progress=progress, **sharded)
-        with CheckpointWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
-            merge_tensors(plan, plan.names, writer, device=device, progress=progress)
-            finish(writer)
-            return writer.finalize(expected=set(plan.names))
+    try:  # whole shards, by one process or by each rank under torchrun
+        sharded = {"overwrite": overwrite, "device": device, "max_shard_bytes": max_shard_bytes, "resume_key": key}
+        return merge_sharded(plan, out_dir, finish, progress=progress, **sharded)
     finally:
         for reader in plan.readers.values():
             reader.close()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from moemerge.checkpoint.lock import folder_lock
 from moemerge.config import Recipe, load_recipe
 from moemerge.merge.driver import merge_per_tensor
 from moemerge.merge.plan import MergeError, resolve_device
@@ -31,13 +32,27 @@ def merge_checkpoints(
     """Run stage 1 of `recipe` (a Recipe or a YAML path) into `out_dir`, atomically; returns `out_dir`.
 
     Every check (configs, tensor names, shapes, parameters) runs before anything is written; a
-    failure later removes the temporary folder, so `out_dir` is either complete or untouched.
+    failure later removes the temporary folder, so `out_dir` is either complete or untouched. A
+    killed run resumes from the shards it finished when run again.
     """
     if isinstance(recipe, str | Path):
         recipe_text = recipe_text or Path(recipe).read_text()
         recipe = load_recipe(recipe)
     recipe_text = recipe_text or _recipe_text(recipe)
     out_dir = Path(out_dir)
+    with folder_lock(out_dir):  # a second run into `out_dir` is refused, naming this one
+        return _merge_locked(recipe, out_dir, overwrite, device, max_shard_bytes, progress, recipe_text)
+
+
+def _merge_locked(
+    recipe: Recipe,
+    out_dir: Path,
+    overwrite: bool,
+    device: str,
+    max_shard_bytes: int | str,
+    progress: bool,
+    recipe_text: str,
+) -> Path:
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir}: output exists; pass --overwrite to replace it")
     inputs = {Path(p).resolve() for p in [*recipe.source_paths, *([recipe.base_model] if recipe.base_model else [])]}
