@@ -323,3 +323,20 @@ def test_heldout_must_be_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     argv = ["diagnose", "--model", "m", "--source", "s", "--data", f"s={data}", "-o", str(tmp_path / "r")]
     assert main(argv) == 1
     assert "--heldout" in capsys.readouterr().err
+
+
+def test_oracle_for_limits_oracle_rows_and_equals_the_full_run(diagnosed: dict, tmp_path: Path) -> None:
+    """`--oracle-for` (repeatable, a path or a report name) gives oracle rows to those candidates only, with the
+    numbers of the run that evaluated every candidate's oracle; an unknown candidate is refused before any work."""
+    full = load_report(diagnosed["out"])
+    argv = [a if a != str(diagnosed["out"]) else str(tmp_path / "some") for a in diagnosed["argv"]]
+    argv += ["--oracle-for", str(diagnosed["hybrid"]), "--oracle-for", "average"]
+    assert main(argv) == 0
+    some = load_report(tmp_path / "some")
+    assert [m for m, role in some.rows() if role == "oracle"] == ["average + oracle routers", "hybrid + oracle routers"]
+    for model, role in some.rows():
+        for domain in (d.name for d in some.domains):
+            assert some.get(model, domain, role).loss == full.get(model, domain, role).loss
+    bad = [a if a != str(diagnosed["out"]) else str(tmp_path / "bad") for a in diagnosed["argv"]]
+    assert main([*bad, "--oracle-for", "nobody"]) == 1
+    assert not (tmp_path / "bad").exists()

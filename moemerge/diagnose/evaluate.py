@@ -374,6 +374,16 @@ def _evaluation(stream: _Stream, path: str) -> Evaluation:
     )
 
 
+def _candidate_name(named: Mapping[str, str], given: str, option: str) -> str:
+    """The report name of a candidate given by name or by its path as given (`option` names the setting)."""
+    if given in named:
+        return given
+    by_path = {str(Path(v).resolve()): k for k, v in named.items()}
+    if str(Path(given).resolve()) not in by_path:
+        raise ValueError(f"{option} {given!r} is not one of the candidate models: {', '.join(named)}")
+    return by_path[str(Path(given).resolve())]
+
+
 def evaluate(
     candidates: Sequence[str | Path] | Mapping[str, str | Path],
     domains: Sequence[Domain],
@@ -402,12 +412,9 @@ def evaluate(
         if len(set(paths)) != len(paths):
             raise ValueError(f"a candidate model is given twice: {sorted(p for p in paths if paths.count(p) > 1)[0]}")
         named = dict(zip(_display_names(paths), paths, strict=True))
-    stage1 = options.stage1 or next(iter(named))
-    if stage1 not in named:
-        by_path = {str(Path(v).resolve()): k for k, v in named.items()}
-        if str(Path(stage1).resolve()) not in by_path:
-            raise ValueError(f"stage1 {stage1!r} is not one of the candidate models: {', '.join(named)}")
-        stage1 = by_path[str(Path(stage1).resolve())]
+    stage1 = _candidate_name(named, options.stage1 or next(iter(named)), "stage1")
+    oracle_for = named if options.oracle_for is None else options.oracle_for
+    with_oracle = {_candidate_name(named, candidate, "oracle_for") for candidate in oracle_for}
 
     warnings = _split_warnings(named, options.data)
     for warning in warnings:
@@ -433,7 +440,7 @@ def evaluate(
         logger.info("source %s: held-out loss %.4f", source, evaluations[-1].loss)
     for name, path in named.items():
         streams = [_Stream(name, "candidate", d, routers=None, record=False) for d in heldout]
-        if options.oracle_routers:
+        if options.oracle_routers and name in with_oracle:
             streams += [
                 _Stream(f"{name}{ORACLE_SUFFIX}", "oracle", d, routers=CheckpointReader(d.info.source), record=False)
                 for d in heldout

@@ -32,3 +32,11 @@ class DiagnoseOptions(BaseModel):
             "(weight, bias and selection bias of every MoE layer): the best any router calibration could do."
         ),
     )
+    oracle_for: list[str] | None = Field(
+        None,
+        description=(
+            "With oracle_routers: only these candidates (a --model path or its report name; repeatable) get "
+            "oracle rows. A model that differs from another only in its routers (HARC's output vs its stage 1) "
+            "has the same oracle rows, so one of them is enough. Unset: every candidate."
+        ),
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 Role = Literal["candidate", "oracle", "source"]
+SOURCE_ROW: tuple[str, Role] = ("source", "source")
+"""The row of the sources themselves (each on its own domain) in `headline_table`."""
 ORACLE_SUFFIX = " + oracle routers"
 """Appended to a candidate's name for its rows with the domain's source routers swapped in."""
 
@@ -345,20 +348,23 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def headline_table(report: Report) -> str:
+def headline_table(report: Report, rows: Sequence[tuple[str, Role]] | None = None) -> str:
     """Markdown: per domain, each model's held-out loss (and its difference to the source) and mean agreement.
 
-    Ready to paste into a model card; the `run` command puts it there.
+    Ready to paste into a model card; the `run` command puts it there. `rows`: which (model, role)
+    rows in which order, `("source", "source")` standing for the sources themselves; by default the
+    sources first, then every candidate and oracle row in evaluation order.
     """
     header = ["model"]
     for d in report.domains:
         header += [f"{d.name} loss", f"{d.name} agreement"]
     header.append("gap recovered (mean)")
-    rows = [
-        ["source (reference)"] + [c for d in report.domains for c in (f"{report.source(d.name).loss:.4f}", "1.000")]
-    ]
-    rows[0].append("1.000")
-    for model, role in report.rows():
+    table = []
+    for model, role in rows if rows is not None else [SOURCE_ROW, *report.rows()]:
+        if role == "source":
+            cells = [c for d in report.domains for c in (f"{report.source(d.name).loss:.4f}", "1.000")]
+            table.append(["source (reference)", *cells, "1.000"])
+            continue
         row = [model]
         recovered = []
         for d in report.domains:
@@ -368,8 +374,8 @@ def headline_table(report: Report) -> str:
             recovered.append(report.recovered(e))
         known = [r for r in recovered if r is not None]
         row.append(_fraction(sum(known) / len(known) if known else None))
-        rows.append(row)
-    return _table(header, rows)
+        table.append(row)
+    return _table(header, table)
 
 
 def headline_note(report: Report) -> str:
