@@ -51,8 +51,8 @@ def shard_file_name(index: int) -> str:
 
 
 @contextmanager
-def disk_errors(out_dir: Path) -> Iterator[None]:
-    """Turn a write the disk refuses into a one-line CheckpointError naming the output `out_dir`."""
+def disk_errors(out_dir: Path, outcome: str = "the output was not written") -> Iterator[None]:
+    """Turn a write the disk refuses into a one-line CheckpointError naming `out_dir` (and the `outcome`)."""
     from safetensors import SafetensorError
 
     try:
@@ -65,7 +65,7 @@ def disk_errors(out_dir: Path) -> Iterator[None]:
         reason = str(err).split("I/O error:", 1)[1].strip()
     else:
         return
-    raise CheckpointError(f"{out_dir}: writing failed ({reason}); the output was not written") from None
+    raise CheckpointError(f"{out_dir}: writing failed ({reason}); {outcome}") from None
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
