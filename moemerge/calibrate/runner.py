@@ -36,9 +36,11 @@ from moemerge.calibrate.options import CalibrationOptions
 from moemerge.calibrate.solve import solve_router
 from moemerge.calibrate.walk import LayerWalker
 from moemerge.checkpoint.card import model_card
+from moemerge.checkpoint.hub import provenance
 from moemerge.checkpoint.reader import CheckpointReader
-from moemerge.checkpoint.writer import CheckpointWriter
-from moemerge.data import Batch, batches, load_domain
+from moemerge.checkpoint.lock import folder_lock
+from moemerge.checkpoint.writer import CheckpointWriter, disk_errors
+from moemerge.data import Batch, DataSpec, batches, identity, load_domain, parse_data_source
 from moemerge.distributed import Ranks, init_ranks
 
 logger = logging.getLogger(__name__)
@@ -383,9 +385,11 @@ def calibrate(
     if out_dir.exists() and not overwrite:
         raise ValueError(f"{out_dir}: output exists; pass overwrite to replace it")
     work = Path(work_dir) if work_dir else out_dir.parent / f"{out_dir.name}.work"
-    calibrator = Calibrator(merged, domains, options or CalibrationOptions(), work)
-    logger.info("%s", calibrator.plan.describe())
-    if progress and calibrator.ranks.is_writer:
-        print(calibrator.plan.describe(), file=sys.stderr)
-    calibrator.run(progress=progress)
-    return calibrator.write(out_dir, overwrite, card)
+    with folder_lock(out_dir), folder_lock(work):  # a second run into either is refused, naming this one
+        calibrator = Calibrator(merged, domains, options or CalibrationOptions(), work)
+        logger.info("%s", calibrator.plan.describe())
+        if progress and calibrator.ranks.is_writer:
+            print(calibrator.plan.describe(), file=sys.stderr)
+        with disk_errors(work, "finished layers are kept: rerun to resume"):
+            calibrator.run(progress=progress)
+        return calibrator.write(out_dir, overwrite, card)
