@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from moemerge.architectures.layout import ModelLayout, MoeLayer, load_layout
 from moemerge.calibrate.runner import SUMMARY_FILE, Domain
+from moemerge.calibrate.walk import LayerWalker
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.data import Batch, DataOptions, TokenizedDomain, batches, load_domain
 from moemerge.diagnose.metrics import RoutingTally, kl_description
@@ -49,8 +50,6 @@ from moemerge.diagnose.report import (
 
 if TYPE_CHECKING:
     import torch
-
-    from moemerge.calibrate.walk import LayerWalker
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +251,6 @@ def _run_streams(
     """
     import torch
     from tqdm.auto import tqdm
-
-    from moemerge.calibrate.walk import LayerWalker
 
     dtype = getattr(torch, options.forward_dtype)
     walker = LayerWalker(path, layout, dtype=dtype, device=options.device)

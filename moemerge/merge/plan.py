@@ -11,13 +11,12 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from moemerge.architectures.layout import build_meta_model, disk_names, load_layout
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.merge.recipe import MergeRecipe, resolve_parameters
-
-if TYPE_CHECKING:
-    from moemerge.merge.registry import MergeMethod, Params
+from moemerge.merge.registry import MergeMethod, Params, get_method
 
 LOG = logging.getLogger(__name__)
 
@@ -144,8 +143,6 @@ def _embedding_names(reference: str) -> frozenset[str]:
     """
     from transformers import AutoConfig
 
-    from moemerge.architectures.layout import build_meta_model, disk_names
-
     config = AutoConfig.from_pretrained(reference, trust_remote_code=False)
     model = build_meta_model(config)
     module_names = {id(m): n for n, m in model.named_modules()}
@@ -161,8 +158,6 @@ def _embedding_names(reference: str) -> frozenset[str]:
 def _router_copies(recipe: MergeRecipe, reference: str, names: Sequence[str]) -> dict[str, str]:
     if recipe.routers == "merge":
         return {}
-    from moemerge.architectures.layout import load_layout
-
     source = recipe.base_model if recipe.routers == "base" else recipe.routers
     routers = load_layout(reference).router_tensors
     missing = sorted(routers - set(names))
@@ -177,8 +172,6 @@ def _param_key(method_wide: dict[str, Any], per_source: list[dict[str, Any]]) ->
 
 def plan_merge(recipe: MergeRecipe) -> MergePlan:
     """Check that the recipe's models can be merged and plan the tensor loop (no tensor data read)."""
-    from moemerge.merge.registry import get_method
-
     method = get_method(recipe.merge_method)
     base = recipe.base_model
     if method.needs_base and base is None:
