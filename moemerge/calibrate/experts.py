@@ -48,6 +48,7 @@ from torch import Tensor
 from moemerge.architectures.layout import ArchitectureError, load_layout
 from moemerge.calibrate.options import RegMeanOptions
 from moemerge.calibrate.walk import LayerWalker
+from moemerge.finite import check_finite, check_tensors
 
 if TYPE_CHECKING:
     from moemerge.calibrate.runner import Calibrator
@@ -476,6 +477,7 @@ class RegMeanCalibration:
                         out = layer(h.to(device, self.calibrator.dtype), **self._layer_inputs(index, batch))
                     except _Stop:
                         continue
+                    check_finite(out, f"layer {index}: hidden states")
                     if full:
                         outputs.append(out.to(store, self.calibrator.storage))
         finally:
@@ -584,6 +586,7 @@ class RegMeanCalibration:
         if linears:
             summary["linears"] = self._solve_linears(merged_layer, prefix, linears, tensors)
         tensors = {n: t.detach().to(self._disk_dtype(n)).cpu().contiguous() for n, t in tensors.items()}
+        check_tensors(tensors, f"layer {index}: solved")
         summary["replaced"] = self._changed(tensors)
         summary["seconds"] = round(time.perf_counter() - start, 4)
         return tensors, summary

@@ -37,11 +37,12 @@ from moemerge.calibrate.solve import solve_router
 from moemerge.calibrate.walk import LayerWalker
 from moemerge.checkpoint.card import model_card
 from moemerge.checkpoint.hub import provenance
-from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.checkpoint.lock import folder_lock
+from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.checkpoint.writer import CheckpointWriter, disk_errors
 from moemerge.data import Batch, DataSpec, batches, identity, load_domain, parse_data_source
 from moemerge.distributed import Ranks, init_ranks
+from moemerge.finite import check_finite, check_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class Calibrator:
                 for batch, hidden in zip(state.batches, state.hidden, strict=True):
                     kwargs = self.walker.layer_inputs(batch.input_ids, batch.attention_mask)[index][1]
                     out = layer(hidden.to(self.walker.device, self.dtype), **kwargs)
+                    check_finite(out, f"layer {index}: hidden states of {state.name}'s calibration text")
                     outputs.append(out.to(self.hidden_device, self.storage))
                     if record is not None:
                         real = batch.attention_mask.reshape(-1).bool().to(self.walker.device)
@@ -247,6 +249,7 @@ class Calibrator:
         self.ranks.check_same(solution.weight, f"layer {info.index} router")
         if info.router_bias:
             saved[info.router_bias] = solution.bias.cpu().to(reader.read(info.router_bias).dtype)
+        check_tensors(saved, f"layer {info.index}: solved router")
         summary = {
             "layer": info.index,
             "seconds": round(time.perf_counter() - start, 4),

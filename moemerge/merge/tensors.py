@@ -3,6 +3,9 @@
 At any time the loop holds the K+1 versions of ONE tensor (plus the kernel's temporaries and the
 writer's current shard). `merge_tensors` takes any list of names, so the distributed version
 (`merge/distributed.py`) gives each rank its own subset and writer.
+
+Every tensor read and every tensor returned is checked for NaN and Inf (moemerge/finite.py),
+overflow of the output dtype included: the error names the model folder and the tensor.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from moemerge.finite import check_cast, check_finite
 from moemerge.merge.plan import MergePlan, is_float_code
 
 if TYPE_CHECKING:
@@ -19,7 +23,6 @@ if TYPE_CHECKING:
 
 RELEASE_BYTES = 64 * 2**20
 """Bytes a reader may read before its memory-mapped shards are closed (see `merge_tensors`)."""
-
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -34,19 +37,32 @@ def merge_tensor(plan: MergePlan, name: str, device: str = "cpu") -> torch.Tenso
 
     out_dtype = _torch_dtype(plan.recipe.output_dtype)
     if name in plan.copy_from:
-        tensor = plan.readers[plan.copy_from[name]].read(name)
-        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+        tensor = _read(plan, plan.copy_from[name], name)
+        if not tensor.is_floating_point():
+            return tensor
+        out = tensor.to(out_dtype)
+        check_cast(tensor, out, f"tensor {name} copied from {plan.copy_from[name]}")
+        return out
     reference = plan.readers[plan.reference]
     if not is_float_code(reference.info(name).dtype):
         return reference.read(name)  # integer buffers (e.g. position ids) are not weights: keep the reference's
     work = _torch_dtype(plan.recipe.work_dtype)
-    base = plan.readers[plan.base].read(name).to(device=device, dtype=work) if plan.base else None
-    sources = [plan.readers[s].read(name).to(device=device, dtype=work) for s in plan.sources]
+    base = _read(plan, plan.base, name).to(device=device, dtype=work) if plan.base else None
+    sources = [_read(plan, s, name).to(device=device, dtype=work) for s in plan.sources]
     params, source_params = plan.params[name]
     ctx = TensorContext(name, seed=plan.recipe.seed, is_linear_weight=name in plan.linear_weights)
     merged = plan.method(base, sources, source_params, params, ctx)
     del base, sources
-    return merged.to(device="cpu", dtype=out_dtype)
+    out = merged.to(device="cpu", dtype=out_dtype)
+    check_cast(merged, out, f"merged tensor {name} ({plan.method.name} of finite inputs)")
+    return out
+
+
+def _read(plan: MergePlan, model: str, name: str) -> torch.Tensor:
+    """One source tensor, refused if it holds NaN or Inf (a merge would spread them silently)."""
+    tensor = plan.readers[model].read(name)
+    check_finite(tensor, f"{model}: tensor {name}")
+    return tensor
 
 
 def merge_tensors(
