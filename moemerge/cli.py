@@ -166,7 +166,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 
 def _add_source_flags(parser: argparse.ArgumentParser, data_help: str) -> None:
     """`--source S --data S=FILES` pairs, as `calibrate` and `diagnose` take them (see `_source_files`)."""
-    parser.add_argument("--source", action="append", required=True, help="a source (specialist) model folder")
+    parser.add_argument("--source", action="append", required=True, help="a source model: folder or Hub id")
     parser.add_argument("--data", action="append", nargs="+", required=True, metavar="SOURCE=FILE", help=data_help)
 
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect = commands.add_parser("inspect", help="show a model's MoE layout (family, layers, routers)")
-    inspect.add_argument("model", help="Hugging Face model folder (safetensors)")
+    inspect.add_argument("model", help="model folder (safetensors), or Hub id org/name[@revision]")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(run=_cmd_inspect)
 
@@ -211,8 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=_cmd_merge)
 
     cal = commands.add_parser("calibrate", help="stage 2: re-solve every MoE router of a merged model with HARC")
-    cal.add_argument("--merged", required=True, help="the stage-1 merged model folder")
-    _add_source_flags(cal, "calibration files of a source's domain: SOURCE=FILE [FILE ...] (.jsonl or .txt)")
+    cal.add_argument("--merged", required=True, help="the stage-1 merged model: folder or Hub id org/name[@rev]")
+    _add_source_flags(
+        cal,
+        "a source's domain text: SOURCE=DATA [DATA ...], files (.jsonl .json .txt .parquet .csv) or Hub datasets "
+        "(org/name[@rev][:config][:split], e.g. org/name:train[:2000])",
+    )
     cal.add_argument("-o", "--out", required=True, help="output model folder")
     cal.add_argument("--work-dir", help="folder of finished layers, for resuming (default: OUT.work)")
     cal.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -222,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     diag = commands.add_parser(
         "diagnose", help="compare models with each source on its domain's held-out text: routing, loss, plots"
     )
-    diag.add_argument("--model", action="append", required=True, help="a candidate model folder (repeatable)")
-    _add_source_flags(diag, "text files of a source's domain: SOURCE=FILE [FILE ...]; evaluated on the --heldout split")
+    diag.add_argument("--model", action="append", required=True, help="a candidate model: folder or Hub id")
+    _add_source_flags(
+        diag, "a source's domain text: SOURCE=DATA [DATA ...] (files or Hub datasets); evaluated on the --heldout split"
+    )
     diag.add_argument("-o", "--out", required=True, help="report folder (report.json, report.md, PNG plots)")
     diag.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     diag.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -246,10 +252,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MODEL_FLAGS = ("model", "merged", "source", "stage1", "diagnose.stage1")
+"""Flags naming a model: a local folder, or a Hub id org/name[@revision]."""
+
+
+def _with_models_resolved(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """`command` after every model flag is resolved to a local folder, all in one plan (moemerge.checkpoint.hub):
+    families and tensor shapes are compared before any weights download. `--data SOURCE=` follows its source."""
+
+    def run(args: argparse.Namespace) -> None:
+        from moemerge.checkpoint.hub import resolve_models
+
+        given = {flag: getattr(args, flag) for flag in _MODEL_FLAGS if getattr(args, flag, None) is not None}
+        given = {flag: value if isinstance(value, list) else str(value) for flag, value in given.items()}
+        refs = [ref for value in given.values() for ref in ([value] if isinstance(value, str) else value)]
+        if refs:
+            found = resolve_models(refs, progress=not getattr(args, "quiet", False))
+            for flag, value in given.items():
+                setattr(args, flag, found[value] if isinstance(value, str) else [found[v] for v in value])
+            if getattr(args, "data", None):
+                args.data = [[_renamed(entry[0], found), *entry[1:]] for entry in args.data]
+        command(args)
+
+    return run
+
+
+def _renamed(data_entry: str, found: dict[str, str]) -> str:
+    source, equals, files = data_entry.partition("=")
+    return f"{found.get(source, source)}{equals}{files}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], None] = args.run
+    run = _with_models_resolved(args.run)
     if args.debug:
         run(args)
         return 0

@@ -13,14 +13,17 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from moemerge.calibrate.options import CalibrationOptions
+from moemerge.checkpoint.hub import resolve_models
+from moemerge.data import DataSpec, parse_data_source
 from moemerge.merge.recipe import MergeRecipe, RecipeError
 
 
 class CalibrateSection(CalibrationOptions):
     """Stage 2 in a recipe: the calibration text of each source, and the HARC options."""
 
-    domains: dict[str, list[str]] = Field(
-        description="Source model path -> its domain's calibration files (.jsonl with messages/text, or .txt)."
+    domains: dict[str, list[str | DataSpec]] = Field(
+        description="Source model (folder or Hub id) -> its domain's data: files (.jsonl, .json, .txt, .parquet, "
+        ".csv) or Hub datasets ('org/name:train[:2000]', or a mapping with dataset, config, split, sample)."
     )
 
 
@@ -69,10 +72,26 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:
-    def resolve(p: str | None) -> str | None:
+    """Relative paths against the recipe's folder; Hub model ids downloaded (after one plan of all models)."""
+
+    def local(p: str | None) -> str | None:
         if p is None or p in ("base", "merge"):
             return p
         return str((root / p).resolve()) if not Path(p).is_absolute() and (root / p).exists() else p
+
+    def data(entry: str | DataSpec, source: str) -> DataSpec:
+        try:
+            return parse_data_source(entry.under(root) if isinstance(entry, DataSpec) else local(entry))
+        except ValueError as err:
+            raise RecipeError(f"calibrate.domains[{source}]: {err}") from None
+
+    tokenizer = recipe.tokenizer.source if recipe.tokenizer else None
+    domains = list(recipe.calibrate.domains) if recipe.calibrate else []
+    named = [recipe.base_model, *recipe.source_paths, recipe.routers, tokenizer, recipe.tokenizer_source, *domains]
+    fetched = resolve_models(local(p) for p in named if p not in (None, "base", "merge"))
+
+    def resolve(p: str | None) -> str | None:
+        return fetched.get(local(p), local(p)) if p is not None else None
 
     return recipe.model_copy(
         update={
@@ -86,7 +105,7 @@ def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:
             and recipe.calibrate.model_copy(
                 update={
                     "domains": {
-                        resolve(source): [resolve(f) for f in files]
+                        resolve(source): [data(f, source) for f in files]
                         for source, files in recipe.calibrate.domains.items()
                     }
                 }

@@ -54,7 +54,7 @@ class LocalHub:
 
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], Repo] = {}
-        self.log: list[tuple[str, str]] = []
+        self.log: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         hub = self
 
@@ -81,8 +81,8 @@ class LocalHub:
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         return self.repos.setdefault((repo_type, repo_id), Repo())
 
-    def requested(self, path_part: str) -> list[tuple[str, str]]:
-        """Logged (method, path) requests whose path contains `path_part`."""
+    def requested(self, path_part: str) -> list[tuple[str, str, str]]:
+        """Logged (method, path, range header) requests whose path contains `path_part`."""
         with self._lock:
             return [entry for entry in self.log if path_part in entry[1]]
 
@@ -100,7 +100,7 @@ class LocalHub:
         url = urlsplit(request.path)
         path, query = unquote(url.path), parse_qs(url.query)
         with self._lock:
-            self.log.append((method, path))
+            self.log.append((method, path, request.headers.get("Range") or ""))
         body = b""
         if method == "POST":
             body = request.rfile.read(int(request.headers.get("Content-Length") or 0))

@@ -56,7 +56,7 @@ class Domain:
     """One source model and the calibration text of its domain."""
 
     source: str
-    files: tuple[str, ...]
+    files: tuple[str | DataSpec, ...]  # files or Hub dataset splits (moemerge.data.spec)
 
 
 @dataclass
@@ -85,7 +85,7 @@ def _fingerprint(merged: str, domains: list[Domain], options: CalibrationOptions
     for domain in domains:
         digest.update(json.dumps(_checkpoint_stamp(domain.source)).encode())
         for file in domain.files:
-            digest.update(Path(file).read_bytes())
+            digest.update(identity(parse_data_source(file)))
     return digest.hexdigest()
 
 
@@ -166,6 +166,7 @@ class Calibrator:
         tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=False)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         calibrations = [load_domain(d.source, d.files, tokenizer, options.data)[0] for d in domains]
+        self.data_report = {d.source: c.report for d, c in zip(domains, calibrations, strict=True)}
         self.plan = plan_memory(  # before any work: a budget that cannot be met stops here
             ModelShape.of(self.layout, CheckpointReader(merged)),
             [[len(sample) for sample in c.samples] for c in calibrations],
@@ -353,6 +354,8 @@ class Calibrator:
             report = {
                 "merged": self.merged,
                 "sources": [d.name for d in self.domains],
+                "provenance": {m: provenance(m) for m in [self.merged, *(d.name for d in self.domains)]},
+                "data": self.data_report,
                 "options": self.options.model_dump(mode="json"),
                 "layers": self.summaries,
             }

@@ -4,11 +4,12 @@ A reference is resolved to a local folder once, where the inputs of a command ar
 recipe's models, or the CLI's model flags), so that everything below it reads plain folders:
 
 - a local folder of that name wins;
-- otherwise ``org/name`` or ``org/name@revision`` (mergekit's spelling; a branch, tag or commit)
-  is a Hub repo. The revision is resolved to one commit first, and every file comes from that
-  commit. Files land in the user's normal Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``),
-  where transformers and vLLM find them again; ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and private repos
-  behave as in transformers, because huggingface_hub does the resolving, caching and auth.
+- otherwise ``org/name`` or ``org/name@revision`` (mergekit's spelling; a branch, tag or commit;
+  mergekit's mapping ``{model: {path: org/name, revision: rev}}`` too) is a Hub repo. The revision
+  is resolved to one commit first, and every file comes from that commit. Files land in the
+  user's normal Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), where transformers and vLLM
+  find them again; ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and private repos behave as in transformers,
+  because huggingface_hub does the resolving, caching and auth.
 
 Only what moemerge reads is downloaded: the safetensors shards named by the index (or the single
 ``model.safetensors``), the index, config, generation config, tokenizer and chat-template files.
@@ -103,10 +104,15 @@ def model_ref_text(value: Any) -> Any:
 
 
 def is_hub_ref(text: str) -> bool:
-    """A reference resolved on the Hub: not a local folder, and spelled like a repo id (with '@rev' or '+lora')."""
+    """Resolved on the Hub: not a local folder, and spelled ``org/name`` (with ``@rev`` or ``+lora``).
+
+    The owner part is required (every MoE checkpoint on the Hub has one), so that a bare word such as
+    ``base`` is reported as the missing local folder it most likely is, without a Hub lookup.
+    """
     if Path(text).is_dir():
         return False
-    return bool(REPO_ID.fullmatch(re.split(r"[@+]", text, maxsplit=1)[0]))
+    repo_id = re.split(r"[@+]", text, maxsplit=1)[0]
+    return "/" in repo_id and bool(REPO_ID.fullmatch(repo_id))
 
 
 def provenance(model_dir: str | Path) -> dict[str, str] | None:
@@ -158,7 +164,7 @@ def resolve_models(refs: Iterable[str], *, progress: bool = True) -> dict[str, s
     planned = {ref: _plan(parse_model_ref(ref), progress) for ref in pending}
     _check_agree(
         {ref: (p.config, p.tensors) for ref, p in planned.items()}
-        | {ref: _local_view(ref) for ref in refs if ref not in planned and Path(ref).is_dir()}
+        | {ref: _local_view(resolved[ref]) for ref in refs if ref not in planned and Path(resolved[ref]).is_dir()}
     )
     for ref, plan in planned.items():
         _download_weights(plan)

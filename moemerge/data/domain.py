@@ -180,7 +180,7 @@ def load_domain(
     options = options or DataOptions()
     if not files:
         raise DataError(f"domain {name!r}: no files given")
-    specs = [parse_data_source(str(f) if isinstance(f, Path) else f) for f in files]
+    specs = [parse_data_source(f) for f in files]
     reads = [read_source(spec, options.sample_format, options.txt_split_paragraphs) for spec in specs]
     raw = [sample for read in reads for sample in read.samples]
     listed = ", ".join(str(s) for s in specs)

@@ -122,10 +122,12 @@ class DataSpec(BaseModel):
         )
 
 
-def parse_data_source(value: str | dict[str, Any] | DataSpec) -> DataSpec:
+def parse_data_source(value: str | Path | dict[str, Any] | DataSpec) -> DataSpec:
     """A data source from its string form (module docstring), its mapping form, or as it is."""
     if isinstance(value, DataSpec):
         return value
+    if isinstance(value, Path):
+        return DataSpec(path=str(value))
     try:
         if isinstance(value, dict):
             return DataSpec.model_validate(value)

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moemerge.checkpoint.hub import model_ref_text
+
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64", "half": "float16"}
 
@@ -52,8 +54,12 @@ def resolve_parameters(parameters: dict[str, ParameterValue], tensor_name: str) 
 class ModelEntry(_Strict):
     """One source model of the merge and its per-source parameters (`weight`, `density`, ...)."""
 
-    model: str = Field(description="Path of a Hugging Face model folder (safetensors weights).")
+    model: str = Field(
+        description="A Hugging Face model folder (safetensors weights), or a Hub id org/name[@revision]."
+    )
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+    _mergekit_mapping = field_validator("model", mode="before")(model_ref_text)
 
 
 class TokenizerSource(_Strict):
@@ -67,7 +73,9 @@ class MergeRecipe(_Strict):
         description="Stage-1 method, e.g. linear, task_arithmetic, ties, dare_ties, wudi; regmean also reads "
         "calibrate.domains (docs/EXPERTS.md)."
     )
-    base_model: str | None = Field(default=None, description="Path of the common base model (theta_0).")
+    base_model: str | None = Field(
+        default=None, description="The common base model (theta_0): a folder, or a Hub id org/name[@revision]."
+    )
     models: list[ModelEntry] = Field(min_length=1, description="The fine-tuned source models.")
     parameters: dict[str, ParameterValue] = Field(default_factory=dict, description="Method-wide parameters.")
     dtype: str = Field(default="bfloat16", description="Output dtype: bfloat16, float16 or float32.")
@@ -82,6 +90,8 @@ class MergeRecipe(_Strict):
         default="merge",
         description="How stage 1 treats router tensors: 'merge' like any tensor, 'base', or a source model path.",
     )
+
+    _mergekit_mapping = field_validator("base_model", mode="before")(model_ref_text)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
