@@ -1,6 +1,6 @@
 """Build the tiny base and its domain specialists that the demo and the experiment merge.
 
-    python examples/specialists/build.py [--family olmoe glm4_moe] [--mode esft|full] [--out examples/specialists]
+    python examples/specialists/build.py [--family olmoe glm4_moe olmoe-wide] [--mode esft full] [--out DIR]
 
 Steps (all seeded, CPU, transformers' own classes):
 
@@ -11,20 +11,22 @@ Steps (all seeded, CPU, transformers' own classes):
    go to `data/<domain>.jsonl` (shipped; moemerge splits them further into calibration and held-out
    text with its own seed), the rest is training text (written to `--work`, not shipped).
 2. **Tokenizer**: a byte-level BPE of `VOCAB_SIZE` tokens trained with `tokenizers` on the training text.
-3. **Base**: pretrained from scratch on an equal mix of the three domains' training text.
-4. **Specialists**, one per domain, from the base:
+3. **Base**: pretrained from scratch on an equal mix of the three domains' training text, in the family's
+   `SHAPES` entry (`olmoe-wide`: shaped like real MoE, experts about 85 % of the parameters).
+4. **Specialists**, one per domain, from the base, in each mode asked for:
    - `esft` (default; expert-specialised fine-tuning): only the routers and, in each MoE layer, the
-     `ESFT_EXPERTS` experts the base sends most of this domain's training tokens to are trained,
+     `Shape.esft_experts` experts the base sends most of this domain's training tokens to are trained,
      everything else is frozen. The specialists then move their routers towards different experts,
      which is what makes routing matter when they are merged.
-   - `full`: every parameter is trained (a probe found the merge gap then lies in the experts, not
-     the routing).
+   - `full`: every parameter is trained, as a full fine-tune of a real model would.
 
-Outputs `<out>/checkpoints/<family>/{base,code,prose,math}` (safetensors, bf16, tokenizer included).
+Outputs `<out>/checkpoints/<family>/{base,code,prose,math}` for esft and `<out>/checkpoints/<family>-full/`
+for full (safetensors, bf16, tokenizer included); with both modes the second folder's `base` is a symlink to
+the first's, so both sets start from the same weights.
 Rebuilding on the same machine and library versions (one thread) gives bit-identical data, tokenizer
 and weights (checked for OLMoE, see DATA.md); other thread counts, CPUs or library versions may round
 differently, and the code domain depends on the Python version's standard library. Time on a busy
-2-core CPU: 3.5-10 min per family (see DATA.md).
+2-core CPU: 3.5-10 min per family, about 8 min for olmoe-wide with both modes (see DATA.md).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -50,9 +52,9 @@ EVAL_SAMPLES = 64
 VOCAB_SIZE = 4096
 SEQ_LEN = 128
 BATCH = 8
-ESFT_EXPERTS = 3
+ESFT_EXPERTS = 3  # experts trained per MoE layer by an ESFT specialist of the 8-expert shapes
 
-MODEL_SIZES = {
+SMALL = {
     "hidden_size": 64,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
@@ -62,22 +64,60 @@ MODEL_SIZES = {
     "max_position_embeddings": 512,
     "tie_word_embeddings": False,
 }
-FAMILY_SIZES = {
-    "olmoe": {"intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 1, "norm_topk_prob": False},
-    "glm4_moe": {
-        "intermediate_size": 128,
-        "moe_intermediate_size": 128,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 1,
-        "n_shared_experts": 0,
-        "first_k_dense_replace": 0,
-        "n_group": 1,
-        "topk_group": 1,
-        "norm_topk_prob": False,  # top-1 renormalised would be a constant weight 1: no router gradient
-        "routed_scaling_factor": 1.0,
-        "partial_rotary_factor": 1.0,
-        "num_nextn_predict_layers": 0,
-    },
+
+
+class Shape(NamedTuple):
+    """One family's architecture: transformers' model type, its config sizes, and how many experts ESFT trains.
+
+    (A NamedTuple, not a dataclass: the tests load this file without registering it as a module.)
+    """
+
+    model_type: str
+    sizes: dict
+    esft_experts: int = ESFT_EXPERTS
+
+
+SHAPES = {
+    "olmoe": Shape(
+        "olmoe",
+        {**SMALL, "intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 1, "norm_topk_prob": False},
+    ),
+    "glm4_moe": Shape(
+        "glm4_moe",
+        {
+            **SMALL,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 128,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 1,
+            "n_shared_experts": 0,
+            "first_k_dense_replace": 0,
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": False,  # top-1 renormalised would be a constant weight 1: no router gradient
+            "routed_scaling_factor": 1.0,
+            "partial_rotary_factor": 1.0,
+            "num_nextn_predict_layers": 0,
+        },
+    ),
+    # Shaped like real MoE (OLMoE-1B-7B: experts about 90 % of the parameters, 64 experts, top-8): the experts
+    # hold about 85 % of the parameters here, against 57 % in the two shapes above whose 4096 x 64 embeddings
+    # and head weigh as much as all their experts. Fine-grained experts (32 of width 96, top-4), 6 layers;
+    # hidden 48 keeps the embeddings small and the checkpoints about 6 MB each.
+    "olmoe-wide": Shape(
+        "olmoe",
+        {
+            **SMALL,
+            "hidden_size": 48,
+            "num_hidden_layers": 6,
+            "head_dim": 12,
+            "intermediate_size": 96,
+            "num_experts": 32,
+            "num_experts_per_tok": 4,
+            "norm_topk_prob": False,  # as OLMoE
+        },
+        esft_experts=8,  # a quarter of the experts, twice top-k
+    ),
 }
 
 
@@ -185,10 +225,10 @@ def token_streams(train: dict[str, list[str]], tokenizer) -> dict[str, torch.Ten
 def model_config(family: str, tokenizer):
     from transformers import AutoConfig
 
+    shape = SHAPES[family]
     return AutoConfig.for_model(
-        family,
-        **MODEL_SIZES,
-        **FAMILY_SIZES[family],
+        shape.model_type,
+        **shape.sizes,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -277,8 +317,8 @@ def expert_load(model, stream, tokens: int = 16384) -> list[torch.Tensor]:
     return [sum(counts[i::n]) for i in range(n)]
 
 
-def esft_setup(model, load: list) -> dict:
-    """Freeze all but the routers and the ESFT_EXPERTS most-used experts of each layer; returns grad masks."""
+def esft_setup(model, load: list, experts_per_layer: int = ESFT_EXPERTS) -> dict:
+    """Freeze all but the routers and the `experts_per_layer` most-used experts of each layer; returns grad masks."""
     import torch
 
     for p in model.parameters():
@@ -286,7 +326,7 @@ def esft_setup(model, load: list) -> dict:
     masks = {}
     chosen = []
     for (router, experts), counts in zip(moe_blocks(model), load, strict=True):
-        top = torch.topk(counts.float(), ESFT_EXPERTS).indices
+        top = torch.topk(counts.float(), experts_per_layer).indices
         chosen.append(sorted(top.tolist()))
         router.weight.requires_grad_(True)
         for param in experts.parameters():  # fused experts: E x ... ; train only the chosen rows
@@ -297,52 +337,81 @@ def esft_setup(model, load: list) -> dict:
     return {"masks": masks, "experts": chosen}
 
 
-def build_family(family: str, args, train_text, tokenizer, streams) -> None:
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters in total and in the routed experts (the tensors of each MoE layer's experts module)."""
+    experts = {id(p) for _, module in moe_blocks(model) for p in module.parameters()}
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "experts": sum(p.numel() for p in model.parameters() if id(p) in experts),
+    }
+
+
+def family_dir(out: Path, family: str, mode: str) -> Path:
+    """`checkpoints/<family>` for the ESFT specialists, `checkpoints/<family>-full` for the full fine-tunes."""
+    return out / "checkpoints" / (family if mode == "esft" else f"{family}-full")
+
+
+def build_family(family: str, args, tokenizer, streams) -> None:
+    """Pretrain one base, then fine-tune one specialist per domain from it in each of `args.mode`.
+
+    With several modes the base is written once, into the first mode's folder; the other folders get a
+    relative symlink `base -> ../<first>/base`, so every set is provably fine-tuned from the same weights.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    root = args.out / "checkpoints" / family
-    timings = {}
+    shape = SHAPES[family]
+    roots = {mode: family_dir(args.out, family, mode) for mode in args.mode}
+    first = roots[args.mode[0]]
     torch.manual_seed(SEED)
     config = model_config(family, tokenizer)
-    if family == "olmoe":
+    if shape.model_type == "olmoe":
         config.output_router_logits = True  # load balancing during pretraining only
         config.router_aux_loss_coef = 0.01
     model = AutoModelForCausalLM.from_config(config)
-    print(f"{family}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    counts = parameter_counts(model)
+    print(f"{family}: {counts['total'] / 1e6:.2f}M parameters, {counts['experts'] / counts['total']:.1%} in experts")
     start = time.time()
     base_loss = train(model, streams, DOMAINS, args.pretrain_steps, args.pretrain_lr, SEED, f"{family} base")
-    timings["base"] = time.time() - start
+    base_entry = {"train_loss": base_loss, "seconds": time.time() - start}
     model.config.output_router_logits = False
-    _save(model, tokenizer, root / "base")
-    log = {"family": family, "mode": args.mode, "base": {"train_loss": base_loss, "seconds": timings["base"]}}
-    for k, domain in enumerate(DOMAINS):
-        specialist = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
-        specialist.config.output_router_logits = False
-        masks = None
-        entry = {}
-        if args.mode == "esft":
-            setup = esft_setup(specialist, expert_load(specialist, streams[domain]))
-            masks = setup["masks"]
-            entry["experts_trained"] = setup["experts"]
-            print(f"{family} {domain}: ESFT experts per layer {setup['experts']}")
-        start = time.time()
-        entry["train_loss"] = train(
-            specialist,
-            streams,
-            (domain,),
-            args.finetune_steps,
-            args.finetune_lr,
-            SEED + 1 + k,
-            f"{family} {domain}",
-            masks,
-        )
-        entry["seconds"] = time.time() - start
-        for p in specialist.parameters():
-            p.requires_grad_(True)
-        _save(specialist, tokenizer, root / domain)
-        log[domain] = entry
-    (root / "build_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    _save(model, tokenizer, first / "base")
+    for mode, root in roots.items():
+        if root != first:
+            root.mkdir(parents=True, exist_ok=True)
+            if (root / "base").is_symlink() or (root / "base").exists():
+                raise SystemExit(f"{root / 'base'}: already there; build into an empty --out")
+            (root / "base").symlink_to(Path("..") / first.name / "base", target_is_directory=True)
+        log = {"family": family, "mode": mode, "parameters": counts, "base": base_entry}
+        if root != first:
+            log["base"] = dict(base_entry, shared_with=first.name)
+        for k, domain in enumerate(DOMAINS):
+            specialist = AutoModelForCausalLM.from_pretrained(first / "base", dtype=torch.float32)
+            specialist.config.output_router_logits = False
+            masks = None
+            entry = {}
+            if mode == "esft":
+                setup = esft_setup(specialist, expert_load(specialist, streams[domain]), shape.esft_experts)
+                masks = setup["masks"]
+                entry["experts_trained"] = setup["experts"]
+                print(f"{family} {domain}: ESFT experts per layer {setup['experts']}")
+            start = time.time()
+            entry["train_loss"] = train(
+                specialist,
+                streams,
+                (domain,),
+                args.finetune_steps,
+                args.finetune_lr,
+                SEED + 1 + k,
+                f"{family} {mode} {domain}",
+                masks,
+            )
+            entry["seconds"] = time.time() - start
+            for p in specialist.parameters():
+                p.requires_grad_(True)
+            _save(specialist, tokenizer, root / domain)
+            log[domain] = entry
+        (root / "build_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
 def _save(model, tokenizer, out: Path) -> None:
@@ -355,8 +424,14 @@ def _save(model, tokenizer, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", nargs="+", default=["olmoe", "glm4_moe"], choices=sorted(FAMILY_SIZES))
-    parser.add_argument("--mode", choices=["esft", "full"], default="esft")
+    parser.add_argument("--family", nargs="+", default=["olmoe", "glm4_moe"], choices=sorted(SHAPES))
+    parser.add_argument(
+        "--mode",
+        nargs="+",
+        choices=["esft", "full"],
+        default=["esft"],
+        help="Specialist sets fine-tuned from one base: esft -> checkpoints/<family>, full -> <family>-full.",
+    )
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--work", type=Path, default=HERE / ".work")
     parser.add_argument("--pretrain-steps", type=int, default=500)
@@ -379,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     for domain in DOMAINS:
         print(f"{domain}: {len(streams[domain])} training tokens")
     for family in args.family:
-        build_family(family, args, train_text, tokenizer, streams)
+        build_family(family, args, tokenizer, streams)
     print(f"built in {time.time() - start:.0f} s (python {sys.version.split()[0]})")
     return 0
 

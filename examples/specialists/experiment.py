@@ -12,7 +12,10 @@ Per family (a folder of checkpoints/ built by build.py):
 3. diagnose: the stage-1 models with oracle routers (the source's routers swapped in: the ceiling of
    any router calibration), then base, specialists and the calibrated models, all on the same
    held-out text (the demo's split: 32 of each domain's 64 shipped samples, never calibration text);
-4. sweeps on task_arithmetic: HARC gamma and calibration samples per domain.
+4. the MoE-block ceiling of each stage-1 model (moe_ceiling.py): the share of its gap to each specialist
+   that closes when the specialist's MoE blocks (routers + experts) are swapped in, and the converse; any
+   method that rewrites only MoE blocks (HARC, experts + HARC) is measured against it;
+5. sweeps on task_arithmetic: HARC gamma and calibration samples per domain.
 
 Every configuration tried goes into RESULTS.md with its numbers; a configuration that failed is listed
 with its error. RESULTS.md is generated: never edit it by hand, rerun this script. Raw numbers go to
@@ -36,6 +39,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 from demo import CALIBRATION, DOMAINS, recipe  # noqa: E402
+from moe_ceiling import mean_share, measure  # noqa: E402
 
 METHOD_PARAMETERS: dict[str, dict] = {
     # per-source parameters (weight 1 each, i.e. task arithmetic with lambda 1; linear normalises the weights)
@@ -54,7 +58,11 @@ METHOD_PARAMETERS: dict[str, dict] = {
     # (embeddings, norms, head, routers) by its default rest rule: linear, i.e. the average
     "regmean": {},
 }
-FAMILIES = ("olmoe", "glm4_moe", "olmoe-full")  # olmoe-full: the OLMoE specialists built with build.py --mode full
+# <family>-full: specialists from build.py --mode full; olmoe-wide: the shape with experts ~85 % of the weights
+FAMILIES = ("olmoe", "glm4_moe", "olmoe-full", "olmoe-wide", "olmoe-wide-full")
+GOAL_CEILING = 0.8  # experts + HARC should reach this share of the MoE-block ceiling
+GOAL_ORACLE = 0.8  # HARC alone should recover this share of the oracle-router gain ...
+ORACLE_MIN_GAIN = 0.05  # ... wherever that gain is at least this many nats
 SWEEP_METHOD = "task_arithmetic"
 VARIANT_METHODS = ("task_arithmetic", "linear")
 CLASSIC = " + experts (classic) + HARC"
@@ -131,8 +139,18 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
     root.mkdir(parents=True)
     domains = _domains(family)
     options = _options()
-    mode = json.loads((HERE / "checkpoints" / family / "build_log.json").read_text())["mode"]
-    result: dict = {"family": family, "mode": mode, "methods": {}, "failures": [], "times": {}, "sweep": {}}
+    log = json.loads((HERE / "checkpoints" / family / "build_log.json").read_text())
+    config = json.loads((HERE / "checkpoints" / family / "base" / "config.json").read_text())
+    result: dict = {"family": family, "mode": log["mode"], "methods": {}, "failures": [], "times": {}, "sweep": {}}
+    result["shape"] = {
+        "layers": config["num_hidden_layers"],
+        "hidden": config["hidden_size"],
+        "experts": config.get("num_experts", config.get("n_routed_experts")),
+        "top_k": config["num_experts_per_tok"],
+        "expert_width": config.get("moe_intermediate_size", config["intermediate_size"]),
+        "esft_experts": len(log["code"]["experts_trained"][0]) if "experts_trained" in log["code"] else None,
+        **({"parameters": log["parameters"]} if "parameters" in log else {}),
+    }
     stage1, harc, experts = {}, {}, {}
     for method in methods:
         entry: dict = {"parameters": METHOD_PARAMETERS.get(method, {})}
@@ -163,6 +181,14 @@ def run_family(family: str, methods: list[str], work: Path, progress: bool) -> d
         out = _calibrate_experts(stage1[method], domains, root / method / "classic", entry, result, progress, "classic")
         if out:
             classic[method] = out
+
+    try:
+        result["ceiling"], result["times"]["MoE-block swap (ceiling)"] = _timed(
+            measure, stage1, domains, options.data, root / "ceiling", batch_tokens=options.batch_tokens
+        )
+    except Exception as err:  # every failure is reported, with its error
+        result["failures"].append({"configuration": "MoE-block swap (ceiling)", "error": repr(err)})
+        traceback.print_exc()
 
     reference = stage1.get(SWEEP_METHOD, next(iter(stage1.values())))
     diag = DiagnoseOptions(data=options.data, batch_tokens=options.batch_tokens, stage1=reference, oracle_routers=True)
@@ -230,11 +256,27 @@ def _copy_plots(report_dir: Path, family: str, tag: str) -> None:
 # ------------------------------------------------------------------------------------------- report
 
 
-MODES = {
-    "esft": "expert-specialised fine-tunes (`build.py --mode esft`: per domain 3 of 8 experts per layer and the "
-    "routers trained, everything else frozen at the base).",
-    "full": "full fine-tunes (`build.py --mode full`: every weight trained, attention included).",
-}
+def _mode(result: dict) -> str:
+    """What the family's specialists are: how they were fine-tuned, and its shape where the run recorded it."""
+    shape = result.get("shape")
+    if result["mode"] == "esft":
+        trained = f"{shape['esft_experts']} of {shape['experts']}" if shape else "3 of 8"
+        text = (
+            f"expert-specialised fine-tunes (`build.py --mode esft`: per domain {trained} experts per layer and the "
+            "routers trained, everything else frozen at the base)"
+        )
+    else:
+        text = "full fine-tunes (`build.py --mode full`: every weight trained, attention included)"
+    if not shape:
+        return text + "."
+    text += (
+        f". Shape: {shape['layers']} MoE layers, hidden {shape['hidden']}, {shape['experts']} experts of width "
+        f"{shape['expert_width']}, top-{shape['top_k']}"
+    )
+    if "parameters" in shape:
+        total, experts = shape["parameters"]["total"], shape["parameters"]["experts"]
+        text += f"; {total / 1e6:.2f}M parameters, {experts / total:.0%} of them in the experts"
+    return text + "."
 
 
 def _mean(values) -> float:
@@ -264,7 +306,7 @@ def family_markdown(result: dict) -> list[str]:
     header = "| model | " + " | ".join(DOMAINS) + " | mean |\n|---|" + "---:|" * (len(DOMAINS) + 1)
     lines = [f"## {family}", ""]
     lines += [
-        f"Specialists: {MODES[result['mode']]}",
+        f"Specialists: {_mode(result)}",
         "",
         f"Held-out tokens per domain: {result['heldout_tokens']}; calibration tokens per domain: "
         f"{result['calibration_tokens']}.",
@@ -337,6 +379,7 @@ def family_markdown(result: dict) -> list[str]:
             )
         )
     lines += ["", "Diagnose time: " + "; ".join(f"{k} {v:.0f} s" for k, v in result["times"].items()), ""]
+    lines += ceiling_markdown(result)
     if result["sweep"]:
         lines += [
             f"### Sweep on {SWEEP_METHOD}: HARC gamma and calibration samples per domain",
@@ -369,6 +412,113 @@ def family_markdown(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _ceiling_stats(result: dict, method: str) -> dict | None:
+    """One stage-1 method against its MoE-block ceiling; None where the family's run did not measure it.
+
+    Means over domains: `ceiling` and `converse` (moe_ceiling.py), the oracle-router gain in nats, the shares of
+    the stage-1-to-specialist gap HARC and experts + HARC close, and those shares over the mean ceiling. `harc_oracle`:
+    HARC's share of the oracle gain on each domain where that gain is at least ORACLE_MIN_GAIN nats (the goal's
+    domains).
+    """
+    measured, rows = result.get("ceiling", {}).get(method), result["rows"]
+    if not measured or method not in rows:
+        return None
+    stats = {key: mean_share(measured, key) for key in ("ceiling", "converse")}
+    oracle = f"{method} + oracle routers"
+    gains = {d: rows[method][d]["loss"] - rows[oracle][d]["loss"] for d in DOMAINS} if oracle in rows else {}
+    stats["oracle_gain"] = _mean(gains.values()) if gains else float("nan")
+    stats["harc_oracle"] = {}
+    for stage2, key in ((" + HARC", "harc"), (" + experts + HARC", "experts")):
+        if method + stage2 in rows:
+            stats[key] = _gap(result, method, method + stage2)
+            stats[f"{key}_of_ceiling"] = stats[key] / stats["ceiling"] if abs(stats["ceiling"]) > 1e-9 else float("nan")
+    if method + " + HARC" in rows:
+        for d, gain in gains.items():
+            if gain >= ORACLE_MIN_GAIN:
+                stats["harc_oracle"][d] = (rows[method][d]["loss"] - rows[method + " + HARC"][d]["loss"]) / gain
+    return stats
+
+
+def _goal_verdict(stats: dict) -> str:
+    """Whether the issue's two goals hold for one method (experts + HARC vs the ceiling; HARC vs the oracle)."""
+    parts = []
+    ratio = stats.get("experts_of_ceiling")
+    if ratio is not None:
+        parts.append(
+            f"experts + HARC {'meets' if ratio >= GOAL_CEILING else 'misses'} {GOAL_CEILING:.1f} of the ceiling"
+        )
+    qualifying = stats["harc_oracle"]
+    if not qualifying:
+        parts.append(f"no domain has an oracle gain >= {ORACLE_MIN_GAIN} nats")
+    else:
+        low = min(qualifying.values())
+        parts.append(
+            f"HARC {'meets' if low >= GOAL_ORACLE else 'misses'} {GOAL_ORACLE:.0%} of the oracle gain on "
+            f"{len(qualifying)} domain(s) with gain >= {ORACLE_MIN_GAIN} (lowest {low:.2f})"
+        )
+    return "; ".join(parts)
+
+
+def ceiling_markdown(result: dict) -> list[str]:
+    """The MoE-block ceiling section: per method, what any MoE-only method could close and what stage 2 closes."""
+    lines = ["### MoE-block ceiling: how much of each gap a method that rewrites only MoE blocks could close", ""]
+    if "ceiling" not in result:
+        return lines + ["Not measured in this family's run (rerun experiment.py to add it).", ""]
+    lines += [
+        "ceiling = (L_stage1 - L_{stage1 with the specialist's MoE blocks}) / (L_stage1 - L_specialist): the "
+        "specialist's routers and experts (every MoE block) swapped into the stage-1 model; converse = "
+        "(L_{specialist with the stage-1 MoE blocks} - L_specialist) / (L_stage1 - L_specialist); both per domain on "
+        "its held-out text, then averaged (examples/specialists/moe_ceiling.py). Oracle gain: L_stage1 - "
+        "L_{stage1 + oracle routers}, nats. `HARC / ceiling` and `experts + HARC / ceiling`: their share of the "
+        f"stage-1-to-specialist gap over the mean ceiling (goal for experts + HARC: >= {GOAL_CEILING}). HARC's share "
+        f"of the oracle gain is the lowest over the domains where that gain is >= {ORACLE_MIN_GAIN} nats "
+        f"(goal: >= {GOAL_ORACLE}).",
+        "",
+        "| method | ceiling | converse | oracle gain (nats) | HARC: share of oracle gain (domains) "
+        "| HARC: gap share | HARC / ceiling | experts + HARC: gap share | experts + HARC / ceiling |",
+        "|---|" + "---:|" * 8,
+    ]
+    for m in result["methods"]:
+        stats = _ceiling_stats(result, m)
+        if stats is None:
+            continue
+        qualifying = stats["harc_oracle"]
+        oracle = f"{min(qualifying.values()):.3f} ({len(qualifying)})" if qualifying else "gain < 0.05 (0)"
+        cells = [f"{stats['ceiling']:.3f}", f"{stats['converse']:.3f}", f"{stats['oracle_gain']:.4f}", oracle]
+        for key in ("harc", "harc_of_ceiling", "experts", "experts_of_ceiling"):
+            cells.append(f"{stats[key]:.3f}" if key in stats else "n/a")
+        lines.append(_row(m, cells))
+    lines += ["", "Per domain (held-out loss, nats per token):", ""]
+    lines += [
+        "| method | domain | stage 1 | specialist | stage 1 with the specialist's MoE blocks "
+        "| specialist with the stage-1 MoE blocks | ceiling | converse |",
+        "|---|---|" + "---:|" * 6,
+    ]
+    for m in [m for m in ("linear", SWEEP_METHOD) if m in result["ceiling"]]:
+        for d, v in result["ceiling"][m].items():
+            losses = [v["merged"], v["specialist"], v["merged_with_specialist_moe"], v["specialist_with_merged_moe"]]
+            lines.append(_row(m, [d, *(f"{x:.4f}" for x in losses), f"{v['ceiling']:.3f}", f"{v['converse']:.3f}"]))
+    return lines + [""]
+
+
+def _ceiling_line(result: dict) -> str:
+    """The headline's sentence on the MoE-block ceiling of the average and of the sweep method, and the goals."""
+    parts = []
+    for m in dict.fromkeys(("linear", SWEEP_METHOD)):
+        stats = _ceiling_stats(result, m)
+        if stats is None:
+            continue
+        parts.append(
+            f"{m}: MoE-block ceiling {stats['ceiling']:.2f} of the gap (converse {stats['converse']:.2f}); oracle gain "
+            f"{stats['oracle_gain']:.3f} nats; experts + HARC closes {stats.get('experts', float('nan')):.2f} of the "
+            f"gap = {stats.get('experts_of_ceiling', float('nan')):.2f} of the ceiling, HARC alone "
+            f"{stats.get('harc_of_ceiling', float('nan')):.2f} of it; {_goal_verdict(stats)}"
+        )
+    if not parts:
+        return "MoE-block ceiling: not measured in this run."
+    return "Against the MoE-block ceiling (specialist's routers + experts swapped in): " + ". ".join(parts) + "."
+
+
 def headline(result: dict) -> str:
     """One paragraph per family: the sweep method's breakdown and repair, and the best merge against the base."""
     rows, m = result["rows"], SWEEP_METHOD
@@ -396,7 +546,7 @@ def headline(result: dict) -> str:
         f"specialists {spread(m)}. Oracle routers reach {mean(m + ' + oracle routers'):.3f}; HARC reaches "
         f"{mean(m + ' + HARC'):.3f} with agreement {spread(m + ' + HARC')}, i.e. {oracle:.2f} of the oracle gain "
         f"and {gap:.2f} of the stage-1-to-specialist gap (the rest lies in the merged experts). "
-        f"{_experts_line(result)} {_variant_line(result)} {_regmean_line(result)} "
+        f"{_ceiling_line(result)} {_experts_line(result)} {_variant_line(result)} {_regmean_line(result)} "
         f"Best merged model: {best} ({merged[best]:.3f}); {verdict}."
     )
 
