@@ -233,9 +233,13 @@ def _plan(ref: ModelRef, progress: bool) -> _Planned:
     size = sum(listing[w] or 0 for w in missing) if listing is not None else None
     if progress:
         where = f"{ref.repo_id}@{revision} (commit {revision.resolved[:12]})"
-        todo = f"{len(missing)} weight file(s)" + (f", {size / 1e9:.2f} GB" if size is not None else "")
+        todo = f"{len(missing)} weight file(s)" + (f", {_bytes(size)}" if size is not None else "")
         print(f"moemerge: {where}: {len(tensors)} tensors, {todo} to download", file=sys.stderr)
     return _Planned(ref, revision, folder, weights, tensors, config, size)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _listing(api: Any, repo_id: str, commit: str) -> dict[str, int | None] | None:
