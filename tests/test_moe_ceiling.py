@@ -58,6 +58,23 @@ def test_swap_replaces_exactly_the_moe_blocks(model_type: str, tmp_path: Path) -
     assert (out / "tokenizer.json").is_file() and not (tmp_path / "swapped.partial").exists()
 
 
+@pytest.mark.parametrize(
+    ("part", "names"),
+    [("head", {"lm_head.weight"}), ("embeddings", {"model.embed_tokens.weight"}), ("attention", {".self_attn."})],
+)
+def test_other_parts_swap_exactly_their_tensors(part: str, names: set[str], tmp_path: Path) -> None:
+    setup = make_specialists("olmoe", tmp_path)
+    target, donor = setup["average"], setup["sources"][0]
+    out = _module().swap_parts(target, donor, tmp_path / "swapped", part)
+    got, mine, theirs = _tensors(out), _tensors(target), _tensors(donor)
+    swapped = {n for n in got if any(pattern in n for pattern in names)}
+    assert swapped and set(got) == set(mine)
+    for name, tensor in got.items():
+        assert tensor.equal((theirs if name in swapped else mine)[name].float()), name
+        if name in swapped and tensor.dim() == 2:  # the test's models differ there (norms are all ones in both)
+            assert not tensor.equal(mine[name].float()), name
+
+
 def test_swapping_a_model_into_itself_changes_nothing(tmp_path: Path) -> None:
     setup = make_specialists("olmoe", tmp_path, num_sources=1)
     source = setup["sources"][0]
@@ -81,7 +98,7 @@ def test_shares_on_hand_checkable_models(tmp_path: Path) -> None:
     domain = Domain(str(source), (str(setup["data"][0]),))
     data = DataOptions(max_length=64, heldout=4, seed=0)
     merged = {"average": str(average), "x": str(x), "y": str(y)}
-    result = ceiling.measure(merged, [domain], data, tmp_path / "work", batch_tokens=256)
+    result = ceiling.measure(merged, [domain], data, tmp_path / "work", batch_tokens=256, parts=["head"])
     (label,) = result["x"]
     xs, ys, avg = result["x"][label], result["y"][label], result["average"][label]
     # random tiny models: small but real gaps (the swaps rebuild the same float32 tensors, so losses match exactly)
@@ -96,6 +113,13 @@ def test_shares_on_hand_checkable_models(tmp_path: Path) -> None:
     assert avg["ceiling"] == pytest.approx((avg["merged"] - ys["merged"]) / gap, rel=1e-9)
     assert avg["converse"] == pytest.approx((xs["merged"] - avg["specialist"]) / gap, rel=1e-9)
     assert not math.isnan(ceiling.mean_share(result["average"], "ceiling"))
+    # y holds the specialist's MoE blocks; its head is the average's: swapping the specialist's head in as well
+    # leaves only attention, embeddings and norms averaged
+    head = result["y"][label]["parts"]["head"]
+    assert head["ceiling"] == pytest.approx(
+        (ys["merged"] - head["merged_with_specialist"]) / (ys["merged"] - ys["specialist"])
+    )
+    assert ceiling.mean_share(result["y"], "ceiling", "head") == pytest.approx(head["ceiling"])
     assert not (tmp_path / "work" / "domain0").exists(), "the swapped checkpoints were left behind"
 
 
@@ -110,3 +134,5 @@ def test_swap_refuses_an_existing_output_and_models_without_moe(tmp_path: Path) 
     dense = save_tiny_model("llama", tmp_path / "dense")
     with pytest.raises(ValueError, match="no MoE layer"):
         ceiling.swap_moe_blocks(dense, dense, tmp_path / "dense-out")
+    with pytest.raises(ValueError, match="unknown part 'norms'"):
+        ceiling.swap_parts(setup["average"], setup["sources"][0], tmp_path / "norms", "norms")

@@ -498,6 +498,29 @@ def ceiling_markdown(result: dict) -> list[str]:
         for d, v in result["ceiling"][m].items():
             losses = [v["merged"], v["specialist"], v["merged_with_specialist_moe"], v["specialist_with_merged_moe"]]
             lines.append(_row(m, [d, *(f"{x:.4f}" for x in losses), f"{v['ceiling']:.3f}", f"{v['converse']:.3f}"]))
+    return lines + [""] + parts_markdown(result)
+
+
+def parts_markdown(result: dict) -> list[str]:
+    """Where else the gap lies: the ceiling with another part swapped in instead (results/<family>-parts.json)."""
+    record = result.get("parts")
+    if not record:
+        return []
+    others = [p for p in record["parts"] if p != "moe"]
+    lines = [
+        "### Where the rest of the gap lies: one part of the specialist swapped in at a time",
+        "",
+        f"`{record['command']}`: the share of the stage-1-to-specialist gap closed when the specialist's "
+        + ", ".join(f"{p} ({record['parts'][p]})" for p in record["parts"])
+        + " is swapped into the stage-1 model; mean over domains (per domain in results/"
+        f"{result['family']}-parts.json). The parts interact, so the shares need not add up to 1.",
+        "",
+        "| method | " + " | ".join(["MoE blocks", *others]) + " |",
+        "|---|" + "---:|" * (1 + len(others)),
+    ]
+    for method, measured in record["result"].items():
+        cells = [mean_share(measured, "ceiling")] + [mean_share(measured, "ceiling", p) for p in others]
+        lines.append(_row(method, [f"{v:.3f}" for v in cells]))
     return lines + [""]
 
 
@@ -635,6 +658,10 @@ def write_results() -> Path:
         for family in FAMILIES
         if (HERE / "results" / f"{family}.json").is_file()
     ]
+    for result in results:  # moe_ceiling.py --json results/<family>-parts.json, where it was run
+        parts = HERE / "results" / f"{result['family']}-parts.json"
+        if parts.is_file():
+            result["parts"] = json.loads(parts.read_text())
     lines = [
         "# Results: merging real specialists, routing breakdown and its repair",
         "",
