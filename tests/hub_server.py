@@ -23,10 +23,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 @dataclass
 class Repo:
-    """One repository: files by commit, and branch or tag names pointing at commits."""
+    """One repository: files by commit, and branch or tag names pointing at commits. A private repo
+    (`token` set) answers as the Hub does without the right `Authorization: Bearer` header: 401, RepoNotFound."""
 
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
+    token: str | None = None
 
     def commit(self, files: dict[str, bytes], *, branch: str = "main", tags: tuple[str, ...] = ()) -> str:
         """Add a commit holding exactly `files`; `branch` and `tags` point at it. Returns its sha."""
@@ -56,6 +58,7 @@ class LocalHub:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.log: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
+        self._request = threading.local()  # the Authorization header of the request this thread serves
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -101,6 +104,7 @@ class LocalHub:
         path, query = unquote(url.path), parse_qs(url.query)
         with self._lock:
             self.log.append((method, path, request.headers.get("Range") or ""))
+        self._request.auth = request.headers.get("Authorization")
         body = b""
         if method == "POST":
             body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
@@ -110,7 +114,7 @@ class LocalHub:
             else:
                 status, headers, payload = self._resolve(path.lstrip("/"), request.headers)
         except _NotFound as err:
-            status, headers, payload = 404, {"X-Error-Code": err.code, "X-Error-Message": err.message}, b""
+            status, headers = err.status, {"X-Error-Code": err.code, "X-Error-Message": err.message}
             payload = json.dumps({"error": err.message}).encode()
             headers["Content-Type"] = "application/json"
         request.send_response(status)
@@ -131,6 +135,8 @@ class LocalHub:
                 break
         else:
             raise _NotFound("RepoNotFound", f"Repository {rest.split('/' + (marker or ''))[0]} not found")
+        if repo.token is not None and self._request.auth != f"Bearer {repo.token}":
+            raise _NotFound("RepoNotFound", "Invalid username or password.", status=401)
         if marker is None:
             return repo_id, repo, None, ""
         # A revision may itself hold slashes (refs/pr/1): the longest prefix that resolves wins.
@@ -205,9 +211,9 @@ class LocalHub:
 
 
 class _NotFound(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int = 404) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.status = code, message, status
 
 
 def _oid(data: bytes) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,15 @@ def test_template_pieces_round_trip(pieces) -> None:
         else:
             expected.append(piece)
     assert merged == expected
+
+
+def test_missing_optional_libraries_name_the_extra(tmp_path, tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the `datasets` extra, a Hub dataset or a Parquet file stops with the install command."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what `import datasets` meets when it is not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=r"^org/math:train: .*pip install 'moemerge\[datasets\]'"):
+        load_domain("d", ["org/math:train"], tokenizer)
+    table = tmp_path / "t.parquet"
+    table.write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=rf"^{table}: Parquet .*pip install 'moemerge\[datasets\]'"):
+        load_domain("d", [table], tokenizer)

@@ -19,6 +19,8 @@ import yaml
 from conftest import make_specialists
 from hub_server import LocalHub, folder_files
 
+TOKEN = "hf_local_test_token"
+
 _RUN_MAINS = """
 import contextlib, io, json, sys
 from moemerge.cli import main
@@ -71,6 +73,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
         setup["sha_main"] = base.commit(folder_files(_sharded_copy(setup["base"], root / "sharded")) | decoy)
         for k, source in enumerate(setup["sources"]):
             setup[f"sha_source{k}"] = server.repo(f"org/source{k}").commit(folder_files(source) | decoy)
+        server.repo("org/source1").token = TOKEN  # private: only HF_TOKEN opens it
         pickled = {"config.json": (setup["base"] / "config.json").read_bytes(), "pytorch_model.bin": b"\x80" * 8192}
         server.repo("org/pickled").commit(pickled)
         wide = save_tiny_model("olmoe", root / "wide", seed=0, intermediate_size=24)
@@ -116,8 +119,8 @@ def _error_lines(result: dict) -> list[str]:
 
 
 def test_run_recipe_with_hub_models_and_a_hub_dataset(hub, tmp_path: Path) -> None:
-    """`moemerge run` on Hub ids (plain, @revision, mergekit's mapping) with a dataset split slice:
-    stage 1 merges the resolved commits, and card and calibration report name repo ids and commits."""
+    """`moemerge run` on Hub ids (plain, @revision, mergekit's mapping; one private, opened by HF_TOKEN) with a
+    dataset split slice: stage 1 merges the resolved commits, and card and calibration report name ids and commits."""
     from safetensors.torch import load_file
 
     server, setup = hub
@@ -142,7 +145,7 @@ def test_run_recipe_with_hub_models_and_a_hub_dataset(hub, tmp_path: Path) -> No
     out = tmp_path / "merged"
     done = subprocess.run(
         [sys.executable, "-m", "moemerge", "run", str(tmp_path / "recipe.yaml"), "-o", str(out), "--quiet"],
-        env=_env(server, tmp_path / "hf"),
+        env=_env(server, tmp_path / "hf", HF_TOKEN=TOKEN),
         capture_output=True,
         text=True,
         timeout=300,
@@ -196,6 +199,17 @@ def online(hub, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, dic
         "v1": ["inspect", "org/base@v1", "--json"],
         "pickled": ["inspect", "org/pickled"],
         "no_repo": ["inspect", "org/nope"],
+        "private": ["inspect", "org/source1"],
+        "no_dataset": [
+            "calibrate",
+            "--merged",
+            "org/base",
+            "--source",
+            "org/base",
+            "--data",
+            "org/base=org/nodata:train",
+        ]
+        + ["-o", str(home / "never")],
         "no_revision": ["inspect", "org/base@nope"],
         "no_shard": ["inspect", "org/broken"],
         "lora": ["inspect", "org/base+org/adapter"],
@@ -233,6 +247,8 @@ def test_pickle_only_repo_is_refused_before_any_weight_moves(hub, online) -> Non
     ("call", "fragments"),
     [
         ("no_repo", ["org/nope", "no Hub model repo org/nope"]),
+        ("private", ["org/source1", "HF_TOKEN"]),
+        ("no_dataset", ["org/nodata:train", "no Hub dataset org/nodata"]),
         ("no_revision", ["org/base@nope", "no revision 'nope'"]),
         ("no_shard", ["org/broken", "model-00002-of-00002.safetensors"]),
         ("lora", ["org/base+org/adapter", "LoRA"]),
