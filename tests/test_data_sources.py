@@ -79,7 +79,7 @@ def test_csv_messages_cell_is_a_chat_and_multiline_cells_keep_their_line(tmp_pat
         writer = csv.writer(f)
         writer.writerow(["messages", "note"])
         writer.writerow([json.dumps(chat(1)), "one\ntwo lines"])
-        writer.writerow([json.dumps(chat(2)), "x"])
+        writer.writerow([json.dumps(chat(2)), "x\x0cy\u2028z"])  # not line breaks in a CSV file
     calibration, _ = load_domain("d", [path], tokenizer)
     expected = [tokenizer.apply_chat_template(chat(i), tokenize=True, return_dict=False) for i in (1, 2)]
     by_line = {s.line: ids.tolist() for s, ids in zip(calibration.sources, calibration.samples, strict=True)}

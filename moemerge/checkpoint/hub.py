@@ -127,12 +127,6 @@ def provenance(model_dir: str | Path) -> dict[str, str] | None:
     return {"repo_id": repo_folder[len("models--") :].replace("--", "/"), "commit": folder.name}
 
 
-def describe(model_dir: str | Path) -> str:
-    """A model for people: ``org/name@<commit>`` for a Hub snapshot, else the folder."""
-    origin = provenance(model_dir)
-    return f"{origin['repo_id']}@{origin['commit']}" if origin else str(model_dir)
-
-
 @dataclass
 class _Planned:
     """One Hub model after the small files and headers, before its weights."""
@@ -143,7 +137,6 @@ class _Planned:
     weights: list[str]
     tensors: dict[str, TensorInfo]
     config: dict[str, Any]
-    download_bytes: int | None
 
 
 _RESOLVED: dict[str, str] = {}
@@ -225,8 +218,6 @@ def _plan(ref: ModelRef, progress: bool) -> _Planned:
         for weight in weights:
             tensors |= _remote_header(api, ref, revision.resolved, folder, weight)
     except _hub_errors() as err:
-        if isinstance(err, CheckpointError):
-            raise
         raise _explain(ref, err) from err
     config = _read_config(ref, folder)
     missing = [w for w in weights if not (folder / w).is_file()]
@@ -235,7 +226,7 @@ def _plan(ref: ModelRef, progress: bool) -> _Planned:
         where = f"{ref.repo_id}@{revision} (commit {revision.resolved[:12]})"
         todo = f"{len(missing)} weight file(s)" + (f", {_bytes(size)}" if size is not None else "")
         print(f"moemerge: {where}: {len(tensors)} tensors, {todo} to download", file=sys.stderr)
-    return _Planned(ref, revision, folder, weights, tensors, config, size)
+    return _Planned(ref, revision, folder, weights, tensors, config)
 
 
 def _bytes(n: int) -> str:

@@ -17,6 +17,7 @@ The optional libraries are imported inside functions: importing moemerge.data st
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -186,10 +187,12 @@ class _LineCounter:
 
 
 def _read_csv(path: Path, sample_format: str) -> list[RawSample]:
-    text = _read_text(path)
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    samples, line = [], 2  # the header is line 1
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))  # newline="": csv sees cells' own newlines
+    samples = []
     try:
+        if reader.fieldnames is None:  # an empty file
+            return samples
+        line = reader.line_num + 1  # where the first record starts, after the header
         for row in reader:
             source = SampleSource(path, line)
             line = reader.line_num + 1
