@@ -23,8 +23,9 @@ import time
 
 import torch
 
-from moemerge.calibrate.experts import ExpertWeights, RegMeanSums, fold_expert_batch, regmean_solve
+from moemerge.calibrate.fused_experts import ExpertWeights
 from moemerge.calibrate.options import RouterSolveOptions
+from moemerge.calibrate.regmean_sums import RegMeanSums, fold_expert_batch, regmean_solve
 from moemerge.calibrate.solve import solve_router
 
 

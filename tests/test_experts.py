@@ -12,7 +12,8 @@ from conftest import make_specialists
 
 from moemerge.architectures.layout import ArchitectureError, load_layout
 from moemerge.architectures.tiny import tiny_model
-from moemerge.calibrate.experts import FusedExperts, RegMeanSums, augment, experts_module, regmean_solve, routed_rows
+from moemerge.calibrate.fused_experts import FusedExperts, experts_module, routed_rows
+from moemerge.calibrate.regmean_sums import RegMeanSums, augment, regmean_solve
 from moemerge.calibrate.runner import SUMMARY_FILE, CalibrationOptions, Calibrator, Domain, calibrate
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.data import DataOptions, batches, load_domain

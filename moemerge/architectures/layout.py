@@ -134,6 +134,47 @@ def disk_names(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> dict
     return result
 
 
+@dataclass(frozen=True)
+class ExpertPiece:
+    """Rows [start, stop) of one expert's matrix in a fused in-memory tensor, stored on disk as tensor `name`."""
+
+    name: str
+    start: int
+    stop: int
+
+
+def expert_pieces(model: PreTrainedModel, fused: str, shape: tuple[int, ...]) -> list[list[ExpertPiece]] | None:
+    """Per expert, the on-disk tensors whose rows make up its slice of the fused in-memory tensor `fused`.
+
+    `shape` is the fused tensor's (experts, rows, columns). The map is learnt from transformers' own
+    save-time conversion applied to a probe of shape (experts, rows, 1) whose entries number the rows,
+    so it is exactly the inverse of what `from_pretrained` does, without a layer-sized tensor. It lets
+    a layer's experts be read one expert at a time in their storage dtype. None when the on-disk
+    tensors are not whole rows of one expert each (experts fused or transposed on disk, e.g.
+    GPT-OSS): such layers are converted whole.
+    """
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    experts, rows = shape[0], shape[1]
+    probe = torch.arange(experts * rows, dtype=torch.float64).reshape(experts, rows, 1)
+    pieces: list[list[ExpertPiece]] = [[] for _ in range(experts)]
+    for name, numbers in revert_weight_conversion(model, {fused: probe}).items():
+        if numbers.dim() != 2 or numbers.shape[1] != 1:
+            return None
+        ids = numbers[:, 0].long()
+        expert, start = divmod(int(ids[0]), rows)
+        span = torch.arange(expert * rows + start, expert * rows + start + ids.numel())
+        if start + ids.numel() > rows or not torch.equal(ids, span):
+            return None
+        pieces[expert].append(ExpertPiece(name, start, start + ids.numel()))
+    for own in pieces:
+        own.sort(key=lambda piece: piece.start)
+        if [p.start for p in own] != [0] + [p.stop for p in own[:-1]] or own[-1].stop != rows:
+            return None
+    return pieces
+
+
 def _decoder_layers(model: PreTrainedModel, num_layers: int) -> tuple[str, Any]:
     import torch
 

@@ -23,44 +23,40 @@ Variants (``RegMeanOptions.variant``; ``sequential`` is the default, measured in
   with T_i the source expert's outputs, so ``W (a G_m + (1 - a) diag G_m) = sum_i a T_i^T X_m,i + (1 - a)
   W_i D_m,i``. It is classic when the two models see equal inputs.
 
-Every source is folded into two running float64 sums per map as it streams (``RegMeanSums``), so the
-memory of the sums does not grow with K; per-batch products run in ``work_dtype``. An expert that no
+Every source is folded into two running float64 sums per map as it streams (``RegMeanSums``,
+moemerge/calibrate/regmean_sums.py), so the memory of the sums does not grow with K; per-batch products
+run in ``work_dtype``. The merged layer's experts are held in their storage dtype (an ``ExpertBank``,
+moemerge/calibrate/fused_experts.py) and the sources' are read one expert at a time, so a layer's
+experts exist once in memory, whatever the group size. An expert that no
 source routes at least ``min_tokens`` tokens to keeps its stage-1 weights. docs/EXPERTS.md has the
 decisions (routing weights, rank-deficient fallback, memory, costs) and measurements.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from moemerge.architectures.layout import ArchitectureError, load_layout
-from moemerge.calibrate.options import RegMeanOptions
+from moemerge.architectures.layout import ArchitectureError, ModelLayout, load_layout
+from moemerge.calibrate.fused_experts import FusedExperts, bank_of, expert_call, experts_module
+from moemerge.calibrate.options import CalibrationOptions, RegMeanOptions
+from moemerge.calibrate.regmean_sums import RegMeanSums, augment, fold_expert_batch
 from moemerge.calibrate.walk import LayerWalker
 from moemerge.finite import check_finite, check_tensors
 
 if TYPE_CHECKING:
-    from moemerge.calibrate.runner import Calibrator
     from moemerge.data import Batch
 
 logger = logging.getLogger(__name__)
-
-RCOND = 1e-12
-"""A blended Gram whose smallest Cholesky pivot is below RCOND x its largest diagonal entry is rank deficient."""
-
-RIDGE = 1e-6
-"""Fallback ridge, relative to the largest diagonal entry, that pulls rank-deficient maps to stage 1."""
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -80,234 +76,32 @@ _CONFIG_KEYS_IGNORED = {
 
 
 # --------------------------------------------------------------------------------------------
-# The math: running sums and the closed-form solve
-# --------------------------------------------------------------------------------------------
-
-
-def augment(x: Tensor, bias: bool) -> Tensor:
-    """x with a constant 1 column appended when the map has a bias ([W, b] [x; 1] = W x + b)."""
-    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if bias else x
-
-
-@dataclass
-class RegMeanSums:
-    """Running sums of a group of same-shaped linear maps (the E experts of a layer, or one linear).
-
-    ``rhs[j] = sum_i [a T_i^T X_i + (1 - a) W_i diag(X_i^T X_i)]`` and ``gram[j] = sum_i X_i^T X_i``, float64;
-    the Gram is blended with its diagonal at solve time (the blend is linear, so blending the sum equals
-    summing the blends). Classic RegMean has T_i = X_i W_i^T, so rhs = sum_i W_i G_i^a.
-    """
-
-    rhs: Tensor
-    gram: Tensor
-    alpha: float
-
-    @classmethod
-    def zeros(cls, maps: int, out_dim: int, in_dim: int, alpha: float, device: torch.device | str) -> RegMeanSums:
-        return cls(
-            torch.zeros(maps, out_dim, in_dim, dtype=torch.float64, device=device),
-            torch.zeros(maps, in_dim, in_dim, dtype=torch.float64, device=device),
-            alpha,
-        )
-
-    @staticmethod
-    def bytes_per_map(out_dim: int, in_dim: int) -> int:
-        return 8 * (out_dim * in_dim + in_dim * in_dim)
-
-    def fold(self, j: int, x: Tensor, target: Tensor, weight: Tensor) -> None:
-        """Add one batch of one source to map j: inputs x (n x in), the source's outputs (n x out), its W_i."""
-        self.gram[j].add_(x.T @ x)  # float32 (work dtype) product, summed in float64
-        self.rhs[j].add_(target.T @ x, alpha=self.alpha)
-        if self.alpha != 1.0:
-            self.rhs[j].add_(weight * x.square().sum(0), alpha=1.0 - self.alpha)
-
-    def reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
-        """Sum over ranks (torch.distributed): each rank folded its share of the batches."""
-        self.rhs = reduce(self.rhs)
-        self.gram = reduce(self.gram)
-
-    def solve(self, fallback: Tensor) -> tuple[Tensor, Tensor]:
-        return regmean_solve(self.rhs, self.gram, self.alpha, fallback)
-
-
-def regmean_solve(rhs: Tensor, gram: Tensor, alpha: float, fallback: Tensor) -> tuple[Tensor, Tensor]:
-    """W = rhs (a gram + (1 - a) diag(gram))^-1 for each map, float64, by Cholesky (one map at a time,
-    so the solve needs a few in x in matrices beyond the sums).
-
-    A rank-deficient blended Gram (alpha = 1 with fewer tokens than inputs, or an input no token
-    excites) is solved with a ridge towards ``fallback`` (the stage-1 weight):
-    ``W (G + l I) = rhs + l W_stage1`` with ``l = RIDGE * max diag G``, so directions the data pins
-    down keep their solution and directions it does not reach keep stage 1. Returns (W, mask of
-    maps that needed the fallback).
-    """
-    weight = torch.empty_like(rhs)
-    fell_back = torch.zeros(rhs.shape[0], dtype=torch.bool)
-    for j in range(rhs.shape[0]):
-        blended = alpha * gram[j]
-        blended.diagonal().copy_(gram[j].diagonal())  # a G + (1 - a) diag(G): the diagonal stays whole
-        scale = float(blended.diagonal().amax()) if blended.numel() else 0.0
-        factor, info = torch.linalg.cholesky_ex(blended)
-        pivot = float(factor.diagonal().square().amin()) if int(info) == 0 else 0.0
-        if int(info) == 0 and pivot > RCOND * scale and math.isfinite(pivot):
-            weight[j] = torch.cholesky_solve(rhs[j].T, factor).T
-            continue
-        fell_back[j] = True
-        ridge = RIDGE * scale
-        if not ridge > 0:
-            weight[j] = fallback[j].double()
-            continue
-        blended.diagonal().add_(ridge)
-        factor = torch.linalg.cholesky(blended)
-        weight[j] = torch.cholesky_solve((rhs[j] + ridge * fallback[j].double().to(rhs.device)).T, factor).T
-    return weight, fell_back
-
-
-# --------------------------------------------------------------------------------------------
-# The experts module of one layer, in the canonical (out x in) layout
-# --------------------------------------------------------------------------------------------
-
-
-def experts_module(layer: torch.nn.Module, where: str) -> tuple[str, torch.nn.Module]:
-    """The fused experts module of a decoder layer (transformers' ``use_experts_implementation`` class)."""
-    found = [(n, m) for n, m in layer.named_modules() if hasattr(m, "is_transposed") and "down_proj" in m._parameters]
-    if len(found) != 1:
-        raise ArchitectureError(f"{where}: expected one fused experts module, found {[n for n, _ in found]}")
-    name, module = found[0]
-    if not getattr(module, "has_gate", False) or getattr(module, "has_post_expert_norm", False):
-        raise ArchitectureError(
-            f"{where}.{name} ({type(module).__name__}): RegMean implements gated experts (gate_up_proj, "
-            "down_proj, _apply_gate) without a post-expert norm; this one has has_gate="
-            f"{getattr(module, 'has_gate', None)}, has_post_expert_norm={getattr(module, 'has_post_expert_norm', None)}"
-        )
-    return name, module
-
-
-class FusedExperts:
-    """Read and write one fused experts module as per-expert [W | b] matrices (out x in(+1)).
-
-    transformers 5 stores experts as ``gate_up_proj`` (E x 2I x d, or E x d x 2I when
-    ``is_transposed``; gate and up concatenated or interleaved, which only ``_apply_gate`` needs to
-    know) and ``down_proj`` (E x d x I, or E x I x d), with ``*_bias`` when ``has_bias``.
-    """
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-        self.transposed = bool(module.is_transposed)
-        self.bias = bool(module.has_bias)
-
-    def _matrix(self, name: str) -> Tensor:
-        weight = self.module._parameters[name]
-        weight = weight.mT if self.transposed else weight
-        if self.bias:
-            weight = torch.cat([weight, self.module._parameters[f"{name}_bias"].unsqueeze(-1)], dim=-1)
-        return weight
-
-    def gate_up(self) -> Tensor:
-        """E x 2I x (d + bias)."""
-        return self._matrix("gate_up_proj")
-
-    def down(self) -> Tensor:
-        """E x d x (I + bias)."""
-        return self._matrix("down_proj")
-
-    def set(self, name: str, expert: int, matrix: Tensor) -> None:
-        """Write expert `expert`'s [W | b] of `name` (gate_up_proj or down_proj) into the module."""
-        with torch.no_grad():
-            weight = self.module._parameters[name]
-            w = matrix[:, : matrix.shape[1] - int(self.bias)]
-            weight[expert] = (w.T if self.transposed else w).to(weight.dtype)
-            if self.bias:
-                bias = self.module._parameters[f"{name}_bias"]
-                bias[expert] = matrix[:, -1].to(bias.dtype)
-
-    def activation(self, gate_up_out: Tensor) -> Tensor:
-        """The hidden activation from the gate/up output, by the module's own gating (exact per family)."""
-        return self.module._apply_gate(gate_up_out)
-
-    def weights(self, dtype: torch.dtype) -> ExpertWeights:
-        return ExpertWeights(
-            self.gate_up().detach().to(dtype), self.down().detach().to(dtype), self.bias, self.activation
-        )
-
-    def parameter_names(self) -> list[str]:
-        names = ["gate_up_proj", "down_proj"]
-        return names + [f"{n}_bias" for n in names] if self.bias else names
-
-
-def _expert_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """(hidden_states, top_k_index, top_k_weights) of an experts call, whatever the argument names."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    values = list(bound.arguments.values())
-    if len(values) < 3:
-        raise TypeError(f"{type(module).__name__} called with {len(values)} arguments, expected 3")
-    return values[0], values[1], values[2]
-
-
-def routed_rows(index: Tensor, weights: Tensor, expert: int) -> tuple[Tensor, Tensor]:
-    """Rows (tokens) routed to `expert` and each one's routing weight (summed over its top-k slots)."""
-    hit = index == expert
-    rows = hit.any(dim=1).nonzero().flatten()
-    return rows, (weights * hit).sum(dim=1)[rows]
-
-
-@dataclass(frozen=True)
-class ExpertWeights:
-    """One layer's experts as [W | b] matrices in the work dtype, with their gating function."""
-
-    gate_up: Tensor  # E x 2I x (d + bias)
-    down: Tensor  # E x d x (I + bias)
-    bias: bool
-    activation: Callable[[Tensor], Tensor]
-
-
-def fold_expert_batch(
-    experts: Sequence[int],
-    x: Tensor,
-    index: Tensor,
-    weights: Tensor,
-    source: ExpertWeights,
-    gate_up: RegMeanSums | None,
-    down: RegMeanSums | None,
-    tokens: Tensor | None,
-    *,
-    merged_x: Tensor | None = None,
-    merged: ExpertWeights | None = None,
-    routing_weight: bool = False,
-) -> None:
-    """Fold one batch of one source into the sums of `experts` (sums row j is experts[j]).
-
-    x (n x d), index and weights (n x k) are the source's own expert inputs and routing for n real
-    tokens. gate/up's targets are the source's gate/up outputs; down's are the source expert's outputs,
-    its input the source's hidden activation (classic) or, with ``merged`` (sequential), the
-    activation of the model being calibrated on ``merged_x``, its own expert inputs for the same tokens.
-    ``tokens[e]`` counts the tokens routed to e.
-    """
-    bias = source.bias
-    xm = merged_x if merged_x is not None else x
-    for j, e in enumerate(experts):
-        rows, r = routed_rows(index, weights, e)
-        if rows.numel() == 0:
-            continue
-        scale = r[:, None] if routing_weight else 1.0
-        gu_out = augment(x[rows], bias) @ source.gate_up[e].T  # the source's gate/up outputs
-        if tokens is not None:
-            tokens[e] += rows.numel()
-        if gate_up is not None:
-            gate_up.fold(j, augment(xm[rows], bias) * scale, gu_out * scale, source.gate_up[e])
-        if down is None:
-            continue
-        h_source = augment(source.activation(gu_out), bias)
-        out = h_source @ source.down[e].T  # the source expert's output
-        if merged is None:
-            h_in = h_source
-        else:  # sequential: the calibrated model's own hidden activation
-            h_in = augment(merged.activation(augment(xm[rows], bias) @ merged.gate_up[e].T), bias)
-        down.fold(j, h_in * scale, out * scale, source.down[e])
-
-
-# --------------------------------------------------------------------------------------------
 # The walk: sources alongside the merged model
 # --------------------------------------------------------------------------------------------
+
+
+class DomainWalk(Protocol):
+    """One domain of the merged model's walk: its source, batches and current hidden states."""
+
+    name: str
+    batches: list[Batch]
+    hidden: list[Tensor]
+
+
+class MergedWalk(Protocol):
+    """What RegMean needs from the walk of the merged model (the runner's ``Calibrator`` has it).
+
+    ``ranks`` (torch.distributed reductions) and ``hidden_device`` are optional: without them the
+    sums are not reduced and hidden states are kept in host memory.
+    """
+
+    options: CalibrationOptions
+    walker: LayerWalker
+    layout: ModelLayout
+    work_dir: Path
+    domains: Sequence[DomainWalk]
+    dtype: torch.dtype
+    storage: torch.dtype
 
 
 class _Stop(Exception):
@@ -344,11 +138,13 @@ class SourceWalk:
     batches: checked).
     """
 
-    def __init__(self, path: str, calibrator: Calibrator, batches: list[Batch]):
+    def __init__(self, path: str, calibrator: MergedWalk, batches: list[Batch]):
         layout = load_layout(path)
         _check_config(path, layout.config, calibrator.layout.config)
         self.name = path
-        self.walker = LayerWalker(path, layout, dtype=calibrator.dtype, device=str(calibrator.walker.device))
+        self.walker = LayerWalker(
+            path, layout, dtype=calibrator.dtype, device=str(calibrator.walker.device), experts="lazy"
+        )
         self.batches = batches
         store = getattr(calibrator, "hidden_device", torch.device("cpu"))
         self.hidden = [
@@ -373,16 +169,16 @@ class _Task:
 class RegMeanCalibration:
     """Routing-aware RegMean of every MoE layer's experts (and with ``linear_layers: all`` every linear).
 
-    Driven by the :class:`~moemerge.calibrate.runner.Calibrator`: ``run_layer(l, merged_layer)`` is
-    called for every decoder layer before the router of that layer is solved; it advances every
-    source by one layer and, for a layer with something to calibrate, solves, installs (cast to the
-    checkpoint's dtype, as it will be saved) and saves the layer's new tensors to the work folder
+    Driven by the walk of the merged model (:class:`MergedWalk`, the runner's ``Calibrator``):
+    ``run_layer(l, merged_layer)`` is called for every decoder layer before the router of that layer is
+    solved; it advances every source by one layer and, for a layer with something to calibrate, solves,
+    installs (cast to the checkpoint's dtype, as it will be saved) and saves the layer's new tensors to the work folder
     (``layer_NNNN.regmean.safetensors`` in the in-memory layout, ``.json`` summary). A finished layer
     is replayed from there. ``read(name)`` gives the output's replaced on-disk tensors, converted
     back with transformers' own save-time conversion.
     """
 
-    def __init__(self, calibrator: Calibrator):
+    def __init__(self, calibrator: MergedWalk):
         self.calibrator = calibrator
         self.options: RegMeanOptions = calibrator.options.regmean
         self.walker = calibrator.walker
@@ -512,13 +308,12 @@ class RegMeanCalibration:
         if info is not None:
             name, module = experts_module(merged_layer, prefix)
             experts_name = f"{prefix}.{name}"
-            for pname in FusedExperts(module).parameter_names():
-                _own(module, pname)
+            if bank_of(module) is None:  # a bank holds its own copy; a parameter may be the reader's mapped tensor
+                for pname in FusedExperts(module).parameter_names():
+                    _own(module, pname)
             merged_fused = FusedExperts(module)
-            gate_up0 = merged_fused.gate_up().detach().clone()
-            down0 = merged_fused.down().detach().clone()
-            num_experts, inter2, d_in = gate_up0.shape
-            d_out, inter_in = down0.shape[1:]
+            num_experts, inter2, d_in = merged_fused.shape("gate_up_proj")
+            d_out, inter_in = merged_fused.shape("down_proj")[1:]
             per_expert = RegMeanSums.bytes_per_map(inter2, d_in) + RegMeanSums.bytes_per_map(d_out, inter_in)
             tasks = self._tasks(num_experts, per_expert)
             tokens = torch.zeros(len(self.sources), num_experts, dtype=torch.float64, device=device)
@@ -554,13 +349,16 @@ class RegMeanCalibration:
                 continue
             ids = torch.tensor(task.experts, device=device)
             enough = self._reduce(tokens.clone())[:, ids].amax(0) >= opts.min_tokens
-            for sums, stage1, pname in ((gate_up, gate_up0, "gate_up_proj"), (down, down0, "down_proj")):
+            for sums, pname in ((gate_up, "gate_up_proj"), (down, "down_proj")):
                 if sums is None:
                     continue
                 sums.reduce(self._reduce)
                 if self.on_sums is not None:
                     self.on_sums(index, {"phase": pname, "experts": task.experts, "sums": sums, "tokens": tokens})
-                solution, fell_back = sums.solve(stage1[ids])
+                # each (expert, matrix) is written once, after its own solve: the module still holds stage 1 here
+                stage1 = torch.stack([merged_fused.matrix(pname, e).detach() for e in task.experts])
+                solution, fell_back = sums.solve(stage1)
+                del stage1
                 fallbacks += int((fell_back & enough).sum())
                 for j, e in enumerate(task.experts):
                     if enough[j]:
@@ -571,9 +369,7 @@ class RegMeanCalibration:
         summary: dict[str, Any] = {"seconds": 0.0}
         if info is not None:
             tokens = self._reduce(tokens)
-            tensors.update(
-                {f"{experts_name}.{n}": merged_fused.module._parameters[n] for n in merged_fused.parameter_names()}
-            )
+            tensors.update({f"{experts_name}.{n}": merged_fused.tensor(n) for n in merged_fused.parameter_names()})
             summary["experts"] = {
                 "calibrated": len(calibrated),
                 "kept_stage1": num_experts - len(calibrated),
@@ -597,7 +393,7 @@ class RegMeanCalibration:
         captured: list[Tensor] = []
 
         def take(b: int, real: Tensor, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _expert_call(module, args, kwargs)[0]
+            x = expert_call(module, args, kwargs)[0]
             captured.append(x.reshape(-1, x.shape[-1])[real])
 
         state = self.calibrator.domains[k]
@@ -621,7 +417,7 @@ class RegMeanCalibration:
         weights_merged = merged.weights(wd) if task.phase == "down" else None
 
         def fold(b: int, real: Tensor, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            x, index, weights = _expert_call(module, args, kwargs)
+            x, index, weights = expert_call(module, args, kwargs)
             x = x.reshape(-1, x.shape[-1])
             if x.shape[0] != real.shape[0]:
                 raise ValueError(f"{source.module}: experts saw {x.shape[0]} rows for {real.shape[0]} positions")
@@ -739,6 +535,10 @@ class RegMeanCalibration:
         for name, tensor in tensors.items():
             owner, _, attr = name.rpartition(".")
             module = self.walker.model.get_submodule(owner)
+            bank = bank_of(module)
+            if bank is not None:
+                bank.replace(attr, tensor)
+                continue
             param = module._parameters[attr]
             module._parameters[attr] = torch.nn.Parameter(tensor.to(param.device, param.dtype), requires_grad=False)
 

@@ -87,16 +87,17 @@ from dataclasses import dataclass
 import torch
 
 from moemerge.architectures.layout import ArchitectureError, ModelLayout, build_meta_model
-from moemerge.calibrate.experts import FusedExperts, RegMeanSums, experts_module
+from moemerge.calibrate.fused_experts import FusedExperts, experts_module
 from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, RouterSolveOptions
-from moemerge.calibrate.preconditioners import choose_preconditioner, required_bytes
+from moemerge.calibrate.preconditioners import FALLBACK_ORDER, choose_preconditioner, required_bytes, resolve_auto
+from moemerge.calibrate.regmean_sums import RegMeanSums
 from moemerge.calibrate.walk import LAYER_INDEX
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.data import pack
 from moemerge.distributed import assign_shards
 from moemerge.units import parse_size
 
-_FALLBACK: tuple[PreconditionerName, ...] = ("block", "kronecker", "diagonal", "none")
+_FALLBACK: tuple[PreconditionerName, ...] = FALLBACK_ORDER
 _PHASES = ("materialise", "forward", "solve", "load", "pass", "regmean", "output")
 """A layer being materialised, its forward, its router solve; with experts, a source layer being materialised, a
 source's pass, RegMean's solves, and the layer's RegMean output (the new tensors)."""
@@ -486,7 +487,11 @@ def plan_memory(
     requested = choose_preconditioner(
         options.harc.preconditioner, shape.experts, shape.hidden + 1, torch.float32, options.harc.memory_budget_bytes
     )
-    preconditioners = list(_FALLBACK[_FALLBACK.index(requested) :]) if options.routers else [requested]
+    preconditioners: list[PreconditionerName] = (
+        list(_FALLBACK[_FALLBACK.index(requested) :]) if options.routers else [requested]
+    )
+    if requested == resolve_auto(options.harc.preconditioner, shape.hidden + 1):
+        preconditioners[0] = options.harc.preconditioner  # "auto" stays "auto" (no change) while what it stands for fits
     placements = ["device", "host"] if on_gpu else ["host"]
     groups = _expert_groups(shape, options)  # (experts per group, sums_budget_bytes)
     tokens_by_batch = {bt: rank_tokens(lengths, bt, world_size) for bt in batches}

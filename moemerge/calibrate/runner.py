@@ -181,7 +181,9 @@ class Calibrator:
         self.dtype = getattr(torch, options.forward_dtype)
         self.storage = getattr(torch, options.activation_dtype)
         self.hidden_device = torch.device("cpu") if self.plan.hidden_on == "host" else self.ranks.device
-        self.walker = LayerWalker(merged, self.layout, dtype=self.dtype, device=str(self.ranks.device))
+        self.walker = LayerWalker(  # experts in a bank, once, in their storage dtype (RegMean rewrites them)
+            merged, self.layout, dtype=self.dtype, device=str(self.ranks.device), experts="resident"
+        )
         self.domains = []
         for domain, calibration in zip(domains, calibrations, strict=True):
             domain_batches = list(batches(calibration, options.batch_tokens, pad_id))
@@ -235,6 +237,8 @@ class Calibrator:
         source_b = (
             [s.source.read(info.router_bias).to(torch.float32) for s in self.domains] if info.router_bias else None
         )
+        for state, weight in zip(self.domains, source_w, strict=True):  # HARC would solve around an Inf silently
+            check_finite(weight, f"{state.name}: router tensor {info.router_weight}")
         start = time.perf_counter()
         solution = solve_router(
             [x.to(self.walker.device) for x in router_inputs],

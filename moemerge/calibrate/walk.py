@@ -9,6 +9,13 @@ that returns its input unchanged; this keeps the runner generic over families. A
 weights are materialised from the on-disk tensors with transformers' own weight conversion (the
 one `from_pretrained` uses), so fused in-memory expert layouts come out exactly as transformers
 builds them, and are released again when the layer is done.
+
+Converting a whole layer that way holds the tensors as read, the converted pieces and the result at
+once (about 3 layers plus its on-disk bytes). With ``experts="resident"`` or ``"lazy"`` the experts
+are not converted: an ``ExpertBank`` (moemerge/calibrate/fused_experts.py) holds them in their
+storage dtype, filled one on-disk piece at a time (resident) or read one expert at a time when used
+(lazy), and the experts module runs from it one expert at a time; only the rest of the layer
+(attention, norms, router, shared experts) goes through transformers' conversion.
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from moemerge.architectures.layout import ModelLayout, disk_names
-from moemerge.checkpoint.reader import CheckpointReader
+from moemerge.architectures.layout import ModelLayout, disk_names, expert_pieces
+from moemerge.calibrate.fused_experts import MATRICES, ExpertBank, banks_experts, install_bank, remove_bank
+from moemerge.checkpoint.reader import SAFETENSORS_DTYPES, CheckpointReader
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -108,11 +116,25 @@ class _Recorder(torch.nn.Module):
         return hidden_states
 
 
+ExpertsHeld = Literal["convert", "resident", "lazy"]
+"""How a materialised layer holds its experts: converted with the layer (transformers' layout, forward
+dtype), in a resident bank (storage dtype, once), or in a lazy bank (read from disk when used)."""
+
+
 class LayerWalker:
     """One checkpoint, run layer by layer: embeddings, per-layer inputs, one materialised layer at a time."""
 
-    def __init__(self, model_dir: str, layout: ModelLayout, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(
+        self,
+        model_dir: str,
+        layout: ModelLayout,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        experts: ExpertsHeld = "convert",
+    ):
         self.layout = layout
+        self.experts = experts
         self.dtype = dtype
         self.device = torch.device(device)
         self.reader = CheckpointReader(model_dir)
@@ -134,18 +156,23 @@ class LayerWalker:
 
     def _load(self, names: list[str]) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.core_model_loading import PrefixChange, convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
         # Copies: a parameter loaded in its on-disk dtype would otherwise share memory with the
         # reader's mapped tensor, and installing a calibrated router would change later reads.
         state = {name: self.reader.read(name).clone() for name in names}
-        config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(self.model), dtype=self.dtype)
+        mapping = get_model_conversion_mapping(self.model)
+        config = LoadStateDictConfig(weight_mapping=mapping, dtype=self.dtype)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per layer would drown the run's own bar
         try:
             convert_and_load_state_dict_in_model(self.model, state, config)
+            # transformers keeps only the conversions this load used, for saving; keep every one (as for a model
+            # built from its config), since banked experts never pass through theirs yet are converted back with it
+            used = [c for c in mapping if c.was_used() or not isinstance(c, PrefixChange)]
+            self.model._weight_conversions = used
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -178,11 +205,45 @@ class LayerWalker:
                 self.layers[index] = layer
         return [sink[i] for i in range(len(originals))]
 
+    def expert_banks(self, index: int) -> dict[str, dict[str, list]]:
+        """Experts modules of layer `index` a bank can hold: module path -> {matrix name: per-expert pieces}.
+
+        Empty with ``experts="convert"``, and for experts whose on-disk tensors are not one expert's rows each
+        (``expert_pieces``) or not in this checkpoint.
+        """
+        if self.experts == "convert":
+            return {}
+        prefix = f"{self.layout.layers_module}.{index}"
+        banks = {}
+        for name, module in self.layers[index].named_modules():
+            if not banks_experts(module):
+                continue
+            path = f"{prefix}.{name}"
+            found = {m: expert_pieces(self.model, f"{path}.{m}", tuple(module._parameters[m].shape)) for m in MATRICES}
+            names = [piece.name for pieces in found.values() if pieces for own in pieces for piece in own]
+            if all(found.values()) and all(n in self.reader for n in names):
+                banks[path] = found
+        return banks
+
     def materialize(self, index: int) -> torch.nn.Module:
-        """Load decoder layer `index`'s weights from disk (converted to the in-memory layout)."""
-        self._load(self._by_layer.get(index, []))
+        """Load decoder layer `index`'s weights from disk (converted to the in-memory layout; experts in a bank)."""
+        banks = self.expert_banks(index)
+        in_banks = {
+            piece.name for found in banks.values() for pieces in found.values() for own in pieces for piece in own
+        }
+        self._load([name for name in self._by_layer.get(index, []) if name not in in_banks])
+        return_freed_memory()
+        for path, found in banks.items():
+            module = self.model.get_submodule(path)
+            first = found[MATRICES[0]][0][0].name
+            dtype = getattr(torch, SAFETENSORS_DTYPES[self.reader.info(first).dtype])
+            shapes = {m: tuple(module._parameters[m].shape) for m in MATRICES}
+            install_bank(module, ExpertBank(self.reader, found, shapes, dtype, resident=self.experts == "resident"))
         layer = self.layers[index]
-        missing = [n for n, p in layer.named_parameters() if p.is_meta]
+        banked = {
+            f"{path}.{m}"[len(self.layout.layers_module) + len(str(index)) + 2 :] for path in banks for m in MATRICES
+        }
+        missing = [n for n, p in layer.named_parameters() if p.is_meta and n not in banked]
         if missing:
             raise ValueError(f"{self.reader.model_dir}: layer {index} tensors missing on disk, e.g. {missing[0]}")
         layer = self._to_device(layer)
@@ -201,8 +262,9 @@ class LayerWalker:
         return module
 
     def release(self, index: int) -> None:
-        """Put layer `index`'s parameters back on the meta device, freeing their memory."""
+        """Put layer `index`'s parameters back on the meta device, freeing their memory (and its expert banks)."""
         for module in self.layers[index].modules():
+            remove_bank(module)
             for name, param in list(module._parameters.items()):
                 if param is not None:
                     module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
