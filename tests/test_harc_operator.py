@@ -41,6 +41,8 @@ def test_operator_matches_dense_definition(kind, bias, gamma):
     torch.testing.assert_close(system.blocks(), blended_blocks, rtol=1e-12, atol=1e-12)
     rhs = (Ag @ dom.source.reshape(-1)).reshape(E, dim)
     torch.testing.assert_close(system.rhs(), rhs, rtol=1e-12, atol=1e-12)
+    # the right-hand side's term comes from the curvature sweep, not from an operator pass
+    torch.testing.assert_close(dom.source_image(), dom.apply(dom.source), rtol=1e-12, atol=1e-12)
 
 
 def test_system_weights_domains_equally_and_sums_them():
@@ -123,8 +125,10 @@ def test_every_token_sum_goes_through_reduce():
     plain = DomainCurvature(X, W, b, dtype=torch.float64)
     hooked = DomainCurvature(X, W, b, dtype=torch.float64, reduce=doubling)
     assert hooked.num_tokens == 2 * N
-    for method in ("diagonal", "blocks", "expert_factor", "input_gram"):
+    for method in ("diagonal", "source_image", "blocks", "expert_factor", "input_gram"):
         torch.testing.assert_close(getattr(hooked, method)(), getattr(plain, method)())
+    empty = torch.zeros(E, D + 1, D + 1, dtype=torch.float64)
+    torch.testing.assert_close(hooked.grouped_blocks(empty.clone()), plain.grouped_blocks(empty.clone()))
     torch.testing.assert_close(hooked.apply(V), plain.apply(V))
     assert len(calls) >= 6
 

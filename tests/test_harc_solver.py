@@ -8,13 +8,19 @@ from references import blend, dense_curvature
 
 from moemerge.calibrate.cg import conjugate_gradient
 from moemerge.calibrate.operator import DomainCurvature, HarcSystem
-from moemerge.calibrate.preconditioners import _shift_space_inverse, build_preconditioner, required_bytes
+from moemerge.calibrate.preconditioners import (
+    AUTO_GROUPED_MAX_DIM,
+    _shift_space_inverse,
+    build_preconditioner,
+    choose_preconditioner,
+    required_bytes,
+)
 from moemerge.calibrate.solve import RouterSolveOptions, solve_router
 
 E, D, K = 6, 9, 3
 
 
-PRECONDITIONERS = ["none", "diagonal", "kronecker", "block"]
+PRECONDITIONERS = ["none", "diagonal", "kronecker", "grouped", "block"]
 INITS = ["merged", "zero", "average"]
 EXACT = dict(dtype="float64", tol=1e-11, max_iter=500)
 
@@ -184,6 +190,7 @@ def test_memory_budget_falls_back_and_reports(caplog):
     X, W, merged, _, _ = _problem(17)
     fits_kronecker = required_bytes("kronecker", E, D, torch.float32)
     assert fits_kronecker < required_bytes("block", E, D, torch.float32)
+    assert required_bytes("kronecker", E, D, torch.float32) < required_bytes("grouped", E, D, torch.float32)
     with caplog.at_level(logging.WARNING, logger="moemerge.calibrate.preconditioners"):
         sol = solve_router(
             X,
@@ -263,3 +270,54 @@ def test_shift_space_correction_inverts_the_operator_on_row_shifts():
     torch.testing.assert_close(A_shift, system.coef_diagonal * system.unblended_diagonal() * shift)
     correction = _shift_space_inverse(system, torch.float64)
     torch.testing.assert_close(correction(A_shift), shift)
+
+
+def test_auto_is_grouped_for_small_routers_and_kronecker_for_wide_ones():
+    X, W, merged, b, merged_b = _problem(23, bias=True)
+    sol = solve_router(X, W, merged, source_biases=b, merged_bias=merged_b, options=RouterSolveOptions(**EXACT))
+    assert sol.stats.requested_preconditioner == "auto" and sol.stats.preconditioner == "grouped"
+    assert sol.stats.converged
+    assert choose_preconditioner("auto", 64, AUTO_GROUPED_MAX_DIM, torch.float32, None) == "grouped"
+    assert choose_preconditioner("auto", 64, AUTO_GROUPED_MAX_DIM + 1, torch.float32, None) == "kronecker"
+    # auto's memory is that of what it stands for, and it falls back like it
+    assert required_bytes("auto", 64, 2049, torch.float32) == required_bytes("kronecker", 64, 2049, torch.float32)
+    budget = required_bytes("kronecker", 64, 257, torch.float32)
+    assert budget < required_bytes("grouped", 64, 257, torch.float32)
+    assert choose_preconditioner("auto", 64, 257, torch.float32, budget) == "kronecker"
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_blocks_match_their_definition(kind, bias):
+    """Groups = tokens by their expert of largest curvature; block_e = sum_g mean_g(h_e) sum_g x x^T, rescaled."""
+    X, W, _, b, _ = _problem(24, bias=bias)
+    gamma = 0.8
+    doms = [
+        DomainCurvature(x, w, bi, kind=kind, dtype=torch.float64, batch_size=16)
+        for x, w, bi in zip(X, W, b or [None] * K, strict=True)
+    ]
+    system = HarcSystem(doms, gamma)
+    expected = torch.zeros(E, D + int(bias), D + int(bias), dtype=torch.float64)
+    exact_diagonal = 0
+    for i, Xi in enumerate(X):
+        Xe = torch.cat([Xi, torch.ones(len(Xi), 1, dtype=Xi.dtype)], 1) if bias else Xi
+        logits = Xe @ (torch.cat([W[i], b[i][:, None]], 1) if bias else W[i]).T
+        if kind == "sigmoid":
+            h = torch.sigmoid(logits) * (1 - torch.sigmoid(logits))
+        else:
+            p = torch.softmax(logits, 1)
+            h = p * (1 - p)
+        group = h.argmax(1)
+        for g in group.unique().tolist():
+            rows = Xe[group == g]
+            expected += h[group == g].mean(0)[:, None, None] * (rows.T @ rows) / len(Xe)
+        exact_diagonal = exact_diagonal + h.T @ (Xe * Xe) / len(Xe)
+    torch.testing.assert_close(system.unblended_diagonal(), exact_diagonal)
+    scale = (exact_diagonal / torch.diagonal(expected, dim1=1, dim2=2)).sqrt()
+    expected = expected * scale[:, :, None] * scale[:, None, :]
+    a, c = gamma, 1 - gamma
+    expected = a * expected + c * torch.diag_embed(exact_diagonal)
+    got = system.grouped_blocks()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # the blended block's diagonal is the exact diagonal of the blended operator
+    torch.testing.assert_close(torch.diagonal(got, dim1=1, dim2=2), system.diagonal(), rtol=1e-12, atol=1e-14)

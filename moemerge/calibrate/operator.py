@@ -158,22 +158,43 @@ class DomainCurvature:
         """N_i summed over all ranks."""
         if self.num_tokens <= 0:
             raise ValueError("a calibration domain has no tokens; every source needs calibration data")
-        self._curvature = self._source_curvature()
+        self._curvature, self._source_image, self._diagonal = self._source_statistics()
 
-    def _source_curvature(self) -> Tensor:
-        """Per-token p (softmax kinds) or s (1 - s) (sigmoid), N x E in the compute dtype."""
+    def _source_statistics(self) -> tuple[Tensor, Tensor, Tensor]:
+        """One sweep over the tokens: per-token curvature, A_i(W_i) and diag(A_i).
+
+        The per-token quantity is p (softmax kinds) or s (1 - s) (sigmoid), N x E in the compute
+        dtype. A_i(W_i) (the right-hand side's term) reuses the logits Z = X W_i^T that the
+        probabilities need, so it costs one matrix product instead of an operator pass, and the
+        diagonal is summed from the same batch while it is in cache.
+        """
         source = self.source.to(self.dtype)
         parts = []
+        image = torch.zeros(self.num_experts, self.dim, dtype=torch.float64, device=self.device)
+        diagonal = torch.zeros_like(image)
         for _, xb in self._batches():
             logits = xb @ source.T
             if self.kind == "sigmoid":
                 s = torch.sigmoid(logits)
-                parts.append(s * (1 - s))
+                curv = s * (1 - s)
             else:
-                parts.append(torch.softmax(logits, dim=1))
-        if not parts:
-            return torch.empty(0, self.num_experts, dtype=self.dtype, device=self.device)
-        return torch.cat(parts)
+                curv = torch.softmax(logits, dim=1)
+            parts.append(curv)
+            image += (self._curvature_times(curv, logits).T @ xb).to(torch.float64)
+            diagonal += (self._h_diagonal(curv).T @ (xb * xb)).to(torch.float64)
+        curvature = (
+            torch.cat(parts) if parts else torch.empty(0, self.num_experts, dtype=self.dtype, device=self.device)
+        )
+        return curvature, self._finish(image), self._finish(diagonal)
+
+    def _curvature_times(self, curv: Tensor, z: Tensor) -> Tensor:
+        """Row-wise H(x) z in place of ``z``: s (1 - s) * z (sigmoid) or p * (z - <p, z>) (softmax).
+
+        (diag(p) - p p^T) z = p * (z - p^T z): one reduction and two in-place products, no n x E temporaries.
+        """
+        if self.kind != "sigmoid":
+            z -= torch.linalg.vecdot(curv, z).unsqueeze(1)
+        return z.mul_(curv)
 
     def _batches(self) -> Iterator[tuple[int, Tensor]]:
         """(start, X[start:start + n] in the compute dtype, extended by a ones column with a bias)."""
@@ -192,6 +213,13 @@ class DomainCurvature:
             buffer[:, :d].copy_(chunk)
             yield start, buffer
 
+    def _rows(self, index: Tensor) -> Tensor:
+        """The tokens at ``index`` in the compute dtype, extended by a ones column with a bias."""
+        rows = torch.index_select(self.activations, 0, index).to(self.dtype)
+        if self.has_bias:
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=self.dtype, device=self.device)], dim=1)
+        return rows
+
     def _h_diagonal(self, curv: Tensor) -> Tensor:
         """h_ee(x) for a batch: p (1 - p) for softmax kinds, s (1 - s) (stored as is) for sigmoid."""
         return curv if self.kind == "sigmoid" else curv * (1 - curv)
@@ -205,24 +233,19 @@ class DomainCurvature:
             raise ValueError(f"V must be {self.num_experts} x {self.dim}, got {tuple(V.shape)}")
         Vc = V.to(device=self.device, dtype=self.dtype)
         out = torch.zeros(self.num_experts, self.dim, dtype=torch.float64, device=self.device)
+        product = torch.empty(self.num_experts, self.dim, dtype=self.dtype, device=self.device)
         for start, xb in self._batches():
-            curv = self._curvature[start : start + xb.shape[0]]
-            z = xb @ Vc.T
-            if self.kind == "sigmoid":
-                hz = curv * z
-            else:
-                pz = curv * z
-                hz = pz - curv * pz.sum(dim=1, keepdim=True)
-            out += (hz.T @ xb).to(torch.float64)
+            z = self._curvature_times(self._curvature[start : start + xb.shape[0]], xb @ Vc.T)
+            out += torch.mm(z.T, xb, out=product)
         return self._finish(out)
+
+    def source_image(self) -> Tensor:
+        """A_i(W_i) (or A_i([W_i, b_i])), E x dim float64; computed with the curvature (one sweep)."""
+        return self._source_image
 
     def diagonal(self) -> Tensor:
         """Exact diag(A_i) as an E x dim matrix: (1/N_i) sum_x h_ee(x) x_j^2; float64."""
-        out = torch.zeros(self.num_experts, self.dim, dtype=torch.float64, device=self.device)
-        for start, xb in self._batches():
-            h = self._h_diagonal(self._curvature[start : start + xb.shape[0]])
-            out += (h.T @ (xb * xb)).to(torch.float64)
-        return self._finish(out)
+        return self._diagonal
 
     def blocks(self, out: Tensor | None = None) -> Tensor:
         """Exact per-expert diagonal blocks B_e = (1/N_i) sum_x h_ee(x) x x^T, E x dim x dim float64.
@@ -242,6 +265,44 @@ class DomainCurvature:
                 h = self._h_diagonal(self._curvature[start : start + xb.shape[0], e])
                 partial += ((xb * h[:, None]).T @ xb).to(torch.float64)
             out[e] += self._finish(partial)
+        return out
+
+    def grouped_blocks(self, out: Tensor) -> Tensor:
+        """Add this domain's grouped approximation of every expert's diagonal block into ``out``.
+
+        The exact block is B_e = (1/N_i) sum_x h_ee(x) x x^T: one weighted Gram per expert, E of
+        them (``blocks``, E / 2 operator passes' worth of work per input column). Here the tokens
+        are split into E groups by the expert of largest curvature h_ee(x), and within a group g
+        the weight h_ee(x) is replaced by its group mean:
+
+            B_e ~= (1/N_i) sum_g mean_{x in g}(h_ee(x)) G_g,    G_g = sum_{x in g} x x^T.
+
+        The group Grams cost one Gram of the domain (about dim / (2E) passes, as for the Kronecker
+        factor), and each expert still gets its own block that sees which tokens it routes and
+        which domain they come from. ``out`` (E x dim x dim float64) is returned; the group Grams,
+        counts and curvature sums go through ``reduce``.
+        """
+        E, dim = self.num_experts, self.dim
+        shape = (E, dim, dim)
+        if tuple(out.shape) != shape or out.dtype != torch.float64:
+            raise ValueError(f"out must be float64 of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+        h = self._h_diagonal(self._curvature)
+        group = h.argmax(dim=1)
+        curvature_sums = torch.zeros(E, E, dtype=torch.float64, device=self.device)
+        curvature_sums.index_add_(0, group, h.to(torch.float64))
+        sizes = torch.bincount(group, minlength=E)
+        grams = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        order = torch.argsort(group)
+        first = 0
+        for g, size in enumerate(sizes.tolist()):  # one Gram per group, over its tokens in batches
+            for start in range(first, first + size, self.batch_size):
+                xg = self._rows(order[start : min(start + self.batch_size, first + size)])
+                grams[g] += (xg.T @ xg).to(torch.float64)
+            first += size
+        counts = sizes.to(torch.float64)
+        grams = self.reduce(grams)
+        mean_curvature = self.reduce(curvature_sums) / self.reduce(counts).clamp(min=1.0)[:, None]  # group x expert
+        out += torch.einsum("ge,gij->eij", mean_curvature, grams) / self.num_tokens
         return out
 
     def expert_factor(self) -> Tensor:
@@ -323,7 +384,7 @@ class HarcSystem:
         """sum_i A_i^g(W_i), float64 E x dim."""
         out = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         for dom, diag in zip(self.domains, self.domain_diagonals(), strict=True):
-            out += self.coef_operator * dom.apply(dom.source)
+            out += self.coef_operator * dom.source_image()
             if self.coef_diagonal:
                 out += self.coef_diagonal * diag * dom.source
         return out
@@ -344,6 +405,27 @@ class HarcSystem:
             out *= self.coef_operator
         if self.coef_diagonal:
             out.diagonal(dim1=1, dim2=2).add_(self.coef_diagonal * self.unblended_diagonal())
+        return out
+
+    def grouped_blocks(self) -> Tensor:
+        """Per-expert dim x dim blocks from the domains' grouped Grams, with the exact blended diagonal.
+
+        Each domain's :meth:`DomainCurvature.grouped_blocks` is summed, then every block is scaled
+        symmetrically (S B S with S diagonal, so it stays positive semi-definite) until its diagonal
+        is the exact diag(B_e), and blended like :meth:`blocks`. E x dim x dim float64.
+        """
+        out = torch.zeros(self.num_experts, self.dim, self.dim, dtype=torch.float64, device=self.device)
+        for dom in self.domains:
+            dom.grouped_blocks(out)
+        exact = self.unblended_diagonal()
+        approx = torch.diagonal(out, dim1=1, dim2=2)
+        scale = torch.where(approx > 0, exact / approx.clamp(min=torch.finfo(torch.float64).tiny), 0.0).sqrt()
+        out *= scale[:, :, None]
+        out *= scale[:, None, :]
+        if self.coef_operator != 1.0:
+            out *= self.coef_operator
+        if self.coef_diagonal:
+            out.diagonal(dim1=1, dim2=2).add_(self.coef_diagonal * exact)
         return out
 
     def kronecker_factors(self) -> tuple[Tensor, Tensor]:

@@ -12,23 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moemerge.data import DataOptions
 
-PreconditionerName = Literal["none", "diagonal", "kronecker", "block"]
+PreconditionerName = Literal["auto", "none", "diagonal", "kronecker", "grouped", "block"]
 
 
 class RouterSolveOptions(BaseModel):
     """How HARC re-fits one router (the ``harc`` section of a recipe).
 
-    The default preconditioner is ``kronecker`` (benchmarks/harc_cg.py; OLMoE shapes E = 64,
-    d = 2048, 3 domains x 4096 tokens, anisotropic activations, gamma 0.9, float32, tol 1e-6):
-
-        none 657 iterations, diagonal 269, kronecker 41, block 9
-
-    Building ``kronecker`` costs about d / (2E) = 16 operator passes (one input Gram), so it needs the
-    least total work: about 60 passes against ~270 (diagonal) and ~660 (none). ``block`` needs the
-    fewest iterations but building its E exact d x d blocks costs about d / 2 = 1024 passes, more
-    than CG without it. For sigmoid routers (E 64, d 1024) kronecker needs 10 iterations and ~16 build
-    passes against block's 1 iteration and ~500. At gamma = 1 only ``block`` converged (10 iterations;
-    the others stalled near 6e-4 after 1000), so use it there.
+    The default preconditioner ``auto`` is ``grouped`` up to router input size 512 and ``kronecker``
+    above (docs/CALIBRATION.md, "Solver", for the measured times; ``benchmarks/harc_cg.py`` and
+    ``benchmarks/harc_trained.py``). Both cost about one input Gram (d / (2E) operator passes) to
+    build; ``grouped`` gives every expert its own block, which needs fewer iterations where E small
+    d x d factorisations are cheap. ``block`` (exact blocks) costs about d / 2 passes to build, more
+    than CG without it at OLMoE sizes. At gamma = 1 only ``block`` converged on the synthetic
+    benchmark (10 iterations; the others stalled near 6e-4 after 1000), so use it there.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,11 +46,13 @@ class RouterSolveOptions(BaseModel):
     )
     max_iter: int = Field(1000, ge=0, description="Most CG iterations (one pass over all calibration tokens each).")
     preconditioner: PreconditionerName = Field(
-        "kronecker",
-        description="CG preconditioner: none; diagonal (Jacobi on the exact diagonal, the authors' option); "
-        "kronecker (per-expert curvature x input Gram, plus an exact correction for the softmax row-shift "
-        "directions; cheap, fewest passes overall); block (exact per-expert d x d blocks plus the same "
-        "correction; E*d^2 numbers, costs about d/2 operator passes to build).",
+        "auto",
+        description="CG preconditioner: auto (grouped up to router input size 512, kronecker above); none; "
+        "diagonal (Jacobi on the exact diagonal, the authors' option); kronecker (per-expert curvature x input "
+        "Gram, plus an exact correction for the softmax row-shift directions); grouped (a d x d block per expert "
+        "from the Grams of token groups, plus the same correction; E*d^2 numbers, about one Gram to build); "
+        "block (exact per-expert d x d blocks plus the same correction; E*d^2 numbers, about d/2 operator passes "
+        "to build).",
     )
     dtype: Literal["float32", "float64"] = Field(
         "float32",
