@@ -62,7 +62,7 @@ def disk_errors(out_dir: Path, outcome: str = "the output was not written") -> I
     except SafetensorError as err:  # the Rust writer reports I/O failures as "... I/O error: <reason>"
         if "I/O error" not in str(err):
             raise
-        reason = str(err).split("I/O error:", 1)[1].strip()
+        reason = str(err).split("I/O error:", 1)[1].strip().split(" (os error")[0]
     else:
         return
     raise CheckpointError(f"{out_dir}: writing failed ({reason}); {outcome}") from None
