@@ -321,3 +321,21 @@ def test_grouped_blocks_match_their_definition(kind, bias):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # the blended block's diagonal is the exact diagonal of the blended operator
     torch.testing.assert_close(torch.diagonal(got, dim1=1, dim2=2), system.diagonal(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("preconditioner", ["auto", "diagonal", "kronecker", "grouped", "block"])
+def test_cuda_solve_matches_dense_solve(kind, preconditioner):
+    """The whole solve (statistics, preconditioner, CG) on the GPU against the float64 dense solve on the CPU."""
+    X, W, merged, b, merged_b = _problem(25, bias=True)
+    A, rhs = _dense_system(X, W, b, kind, 0.9)
+    expected = torch.linalg.solve(A, rhs).reshape(E, D + 1)
+    cuda = [x.cuda() for x in X]
+    for dtype, tolerance in (("float64", 1e-8), ("float32", 1e-3)):
+        options = RouterSolveOptions(
+            preconditioner=preconditioner, dtype=dtype, tol=1e-11 if dtype == "float64" else 1e-6
+        )
+        sol = solve_router(cuda, W, merged, kind=kind, source_biases=b, merged_bias=merged_b, options=options)
+        assert sol.weight.device.type == "cuda" and sol.stats.converged, sol.stats
+        assert _rel(_solution_matrix(sol).cpu().double(), expected) < tolerance, (dtype, sol.stats)
