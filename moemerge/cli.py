@@ -15,6 +15,12 @@ from moemerge import __version__
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
 
+MAX_MEMORY_HELP = (
+    "memory budget per rank of the calibration walk (stage 2, stage-1 regmean), e.g. 16GB or host=200GB,device=80GB, "
+    "or unlimited; replaces the recipe's calibrate.max_memory (default: 90%% of the memory available now)"
+)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from moemerge.architectures.layout import load_layout
     from moemerge.checkpoint.reader import CheckpointReader
@@ -141,7 +147,15 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
 def _cmd_run(args: argparse.Namespace) -> None:
     from moemerge.pipeline.run import run_recipe
 
-    print(run_recipe(args.recipe, args.out, stage1=args.stage1, overwrite=args.overwrite, progress=not args.quiet))
+    out = run_recipe(
+        args.recipe,
+        args.out,
+        stage1=args.stage1,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        max_memory=args.max_memory,
+    )
+    print(out)
 
 
 def _cmd_tiny(args: argparse.Namespace) -> None:
@@ -160,6 +174,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
         device=args.device,
         max_shard_bytes=args.max_shard_size,
         progress=not args.quiet,
+        max_memory=args.max_memory,
     )
     print(out)
 
@@ -208,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB, 1GiB (default 2GB)"
     )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--max-memory", help=MAX_MEMORY_HELP)
     merge.set_defaults(run=_cmd_merge)
 
     cal = commands.add_parser("calibrate", help="stage 2: re-solve every MoE router of a merged model with HARC")
@@ -242,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stage1", help="start from this existing stage-1 checkpoint instead of merging")
     run.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--max-memory", help=MAX_MEMORY_HELP)
     run.set_defaults(run=_cmd_run)
 
     tiny = commands.add_parser("tiny", help="write a tiny random model of a family (tests, demos)")

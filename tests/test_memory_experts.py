@@ -7,6 +7,7 @@ model bit for bit, and a budget too small for one expert stops the run before an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -60,13 +61,14 @@ def test_experts_add_the_regmean_terms_to_the_plan() -> None:
 
     sums_a, sums_c = 8 * (A + d * d), 8 * (C + I * I)  # float64 running sums of one expert's gate/up and down
     fold = (256 * (4 * d + 6 * I) + d * d + 2 * A) * w  # one batch's expert inputs, gate/up's products
+    casts = (2 * A + C) * w  # the source's expert and (sequential) the merged model's gate/up, in the work dtype
     # a source's pass holds, beside HARC's forward minus its router inputs and the merged model's new outputs:
     regmean = (
         layer  # the source's layer
         + (T + t_max) * d * s  # the sources' hidden states, one domain's new ones
-        + E * (A + C) * f  # the layer's stage-1 experts
         + E * (sums_a + sums_c)  # the sums of the group
         + fold
+        + casts
     )
     options = CalibrationOptions(experts=True, regmean={"variant": "classic"}, **SMALL)
     plan = plan_memory(SHAPE, LENGTHS, options, MemoryBudget())
@@ -76,6 +78,29 @@ def test_experts_add_the_regmean_terms_to_the_plan() -> None:
     assert parts["RegMean: sums and solutions, groups of 8"] == E * (sums_a + sums_c) + solved
     assert parts["one source's decoder layer (read, converted)"] == 3 * layer + SHAPE.layer_disk_bytes
     assert plan.expert_group == E and plan.apply(options) == options and not plan.changes
+
+    # experts in a bank (bfloat16 on disk): the merged layer holds them once in bfloat16, a source none
+    banked = dataclasses.replace(SHAPE, banked=True, expert_disk_bytes=2 * E * (A + C))
+    rest = 4 * d * d * f  # the attention, converted
+    cast = (A + C) * (f + 2)  # one expert read (bfloat16) and cast for the forward
+    harc_banked = plan_memory(banked, LENGTHS, CalibrationOptions(**SMALL), MemoryBudget())
+    assert harc_banked.host_bytes == forward - layer + rest + 2 * E * (A + C) + cast
+    plan = plan_memory(banked, LENGTHS, options, MemoryBudget())
+    parts = {what: n for what, n, _ in plan.parts}
+    assert parts["its experts in a bank (storage dtype)"] == 2 * E * (A + C)
+    assert parts["one source's decoder layer (read, converted)"] == 3 * rest + 2 * 4 * d * d
+    assert parts["RegMean: sums and solutions, groups of 8"] == E * (sums_a + sums_c) + 8 * E * (A + C) + E * A * 2
+    assert parts["RegMean: new experts as saved"] == 2 * E * (A + C)
+    assert plan.host_bytes - harc_banked.host_bytes == (
+        rest
+        + (T + t_max) * d * s
+        + E * (sums_a + sums_c)
+        + fold
+        + casts
+        + (A + C) * 2
+        - (N + n_max) * d * s
+        - t_max * d * s
+    )
 
     # sequential, two groups of 4: a task holds one projection's sums, plus what the task before it left
     assert group_bytes(SHAPE, 4, "sequential", f) == {

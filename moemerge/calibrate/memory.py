@@ -6,7 +6,9 @@ size, E experts, K domains, T_i the padded and N_i the real tokens of domain i o
 (``activation_dtype``), f the forward bytes (``forward_dtype``), c the solver's work bytes:
 
     resident     embeddings, final norm, output head:         numbers outside the layers x f
-    layer        the largest decoder layer:                    its numbers x f
+    layer        the largest decoder layer as the walk holds it: its numbers x f; with a bank (below),
+                 its numbers outside the routed experts x f, plus the experts' on-disk bytes X
+    cast         with a bank, one expert read and cast for the forward:  (a + c) (f + q)
     batch        one forward batch inside the layer:           B x (20 d + 2 heads L + 4 k m + 4 E) x f
                  (B = batch_tokens, L the longest sample, k top-k, m the expert width; an estimate
                  fitted to one OLMoE layer's measured forward, benchmarks/scaling.py)
@@ -15,11 +17,18 @@ size, E experts, K domains, T_i the padded and N_i the real tokens of domain i o
                  pieces before they are joined:                 (N + N_max) d s
     solver       per-token source probabilities N E c, batch temporaries, (K + 10) E d float64
                  CG and statistic buffers, and the preconditioner (see ``required_bytes``)
+    converting   the tensors as read and the converted pieces, beside the result: 2 x (converted
+                 numbers) x f + their on-disk bytes (measured by benchmarks/experts_memory.py: 3 layers
+                 plus the on-disk bytes in all when the whole layer is converted)
 
-    materialise = resident + 3 layer + D + T d s     (the layer as read from disk (D bytes), converted
-                                                      pieces, the result; measured by benchmarks/experts_memory.py)
-    forward     = resident + layer + batch + hidden + recorded
+    materialise = resident + layer + converting + T d s
+    forward     = resident + layer + cast + batch + hidden + recorded
     solve       = resident + layer + T d s + N d s + solver           (without routers: no solve)
+
+A bank (``ModelShape.banked``; moemerge/calibrate/fused_experts.py) holds a layer's routed experts in
+their storage dtype, read piece by piece, whenever their on-disk tensors are one expert's rows each
+(``expert_pieces``): the merged model's resident (X bytes), a source's lazy (read one expert at a time
+when used, nothing held). Other layouts (GPT-OSS) are converted whole, as before.
 
 With ``experts`` (routing-aware RegMean, moemerge/calibrate/experts.py) each layer first makes
 passes over the sources (one per group of experts; sequential: per group and projection), each
@@ -28,35 +37,38 @@ b = 1 when the experts have biases, a = 2I (d + b) and c = d (I + b) the numbers
 gate/up and down, S_a = 8 (a + (d + b)^2) and S_c = 8 (c + (I + b)^2) their float64 sums
 (``RegMeanSums.bytes_per_map``), g the experts per group (as many as ``regmean.sums_budget_bytes``
 holds, at least one), g' = g when there is more than one group (else 0), w the work bytes
-(``work_dtype``), D the on-disk bytes of a layer and q those of one of its numbers:
+(``work_dtype``), D the on-disk bytes of a layer, q those of one expert number in a bank (else 0) and
+p those of a stage-1 expert number as the layer holds it (q with a bank, else f):
 
     sources      the sources' hidden states, one per domain:   T d s, (T + T_max) d s in a pass
                  (the pass that advances them holds one domain's new ones)
-    source layer one source's decoder layer:                   layer, 3 layer + D while it is read and
-                 converted (its tensors as read, converted pieces, the fused result; measured by
-                 benchmarks/experts_memory.py)
-    hooked       the last source's experts, kept by its fold hook until the next source's:  E (a + c) f
-                 (E (a + c) w, twice for sequential, when they are copies: w != f, or biases)
-    stage 1      the layer's experts before RegMean:           E (a + c) f
+    source layer one source's decoder layer without its (lazily read) experts:  layer', and
+                 layer' + converting while it is read and converted (layer' = layer - X with a bank)
     sums         classic     pass  g (S_a + S_c) + g' (S_c + 8 c),  load: g' (S_a + S_c + 8 c) more
                  sequential  pass  max(g S_a + g' (S_c + 8 c),  g (S_c + 8 a)),
                              load  max(g S_a + g' (S_c + 8 c),  g (S_c + S_a + 8 a))
                  solves      g (S_a + S_c) (classic) or g max(S_a, S_c) (sequential)
-                             + 8 g (a + c) (the solved experts) + g max(a, c) f (their stage-1 slice)
+                             + 8 g (a + c) (the solved experts) + g max(a, c) p (their stage-1 slice)
                  output      g (S_a + S_c + 8 c) (classic) or g (S_c + 8 c) (sequential)
                  (a task's last sums and solution stay referenced into the next task, its sums through
                  its last fold hook until the next task's first source layer is loaded)
     map solve    one map's Cholesky and right-hand side:       8 (3 in^2 + 4 out in), largest map
-    fold         one batch's expert inputs and one expert's products:  (B (4 d + 6 I) + in^2 + 2 out in) w
+    fold         one batch's expert inputs and one expert's products, and the expert matrices cast to
+                 the work dtype:  (B (4 d + 6 I) + in^2 + 2 out in) w + (2a + c) w + (a + c) q
     inputs       sequential: one domain's merged-model expert inputs:  N_max d f
     linears      ``linear_layers: all``: the sums of every other linear of the layer:  sum of 8 (out in + in^2)
-    output       the new experts in the checkpoint's dtype, and their on-disk conversion:  2 E (a + c) q
+    output       the new experts in the checkpoint's dtype as saved:  X with a bank (its tensors are
+                 saved as they are), else 2 E (a + c) q' (a copy, and its on-disk conversion; q' the
+                 checkpoint's bytes per number)
 
-    load    = resident + layer + T d s + sources + (3 layer + D) + hooked + stage 1 + sums + linears
-    pass    = resident + layer + batch + T d s + sources + layer + stage 1 + sums + fold + inputs + linears
-              (+ hooked, when they are copies)
-    regmean = resident + layer + T d s + sources + hooked + stage 1 + sums + map solve + linears
+    load    = resident + layer + T d s + sources + source layer (converting) + sums + linears
+    pass    = resident + layer + cast + batch + T d s + sources + source layer + sums + fold + inputs + linears
+    regmean = resident + layer + T d s + sources + sums + map solve + linears
     output  = regmean's terms with the output's sums, plus output
+
+No copy of the layer's experts is made besides: the stage-1 values a solve falls back to are the
+group's slice of the layer (each expert is rewritten only after its own solve), and the experts a
+fold hook uses are cast one expert at a time.
 
 and the sources' T d s also stays through forward and solve. The peak is the largest phase. It
 counts tensors: the interpreter's own memory and what the C allocator keeps of freed tensors come
@@ -81,13 +93,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from moemerge.architectures.layout import ArchitectureError, ModelLayout, build_meta_model
-from moemerge.calibrate.fused_experts import FusedExperts, experts_module
+from moemerge.architectures.layout import ArchitectureError, ModelLayout, build_meta_model, expert_pieces
+from moemerge.calibrate.fused_experts import MATRICES, FusedExperts, banks_experts, experts_module
 from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, RouterSolveOptions
 from moemerge.calibrate.preconditioners import FALLBACK_ORDER, choose_preconditioner, required_bytes, resolve_auto
 from moemerge.calibrate.regmean_sums import RegMeanSums
@@ -106,22 +120,79 @@ _Term = tuple[str, str, dict[str, int]]
 _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
+AVAILABLE_SHARE = 0.9
+"""Share of the memory available now that a run without ``--max-memory`` plans for: the plan counts tensors,
+and the interpreter, libraries and the C allocator's kept pages come on top (benchmarks/experts_memory.py)."""
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
     """Bytes the run may use per rank, in host memory and in device (GPU) memory; None: no limit."""
 
     host: int | None = None
     device: int | None = None
+    origin: str = "--max-memory"
+    """Where the budget comes from: ``--max-memory``, or what the host (and GPU) have available."""
 
     @property
     def limited(self) -> bool:
         return self.host is not None or self.device is not None
 
 
+def _cgroup_room() -> int | None:
+    """Bytes this process's cgroup may still allocate (limit minus usage; v2, else v1), None without a limit."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    v2 = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+    candidates = [(root / v2.lstrip("/"), "memory.max", "memory.current")] if v2 is not None else []
+    candidates += [(root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes")]
+    for folder, limit_file, usage_file in candidates:
+        try:
+            limit, usage = (folder / limit_file).read_text().strip(), (folder / usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes a huge number for no limit
+            return None
+        return max(int(limit) - int(usage), 0)
+    return None
+
+
+def host_available() -> int | None:
+    """Host memory available to this process now: MemAvailable (/proc/meminfo), capped by its cgroup's room."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
+    room = _cgroup_room()
+    values = [v for v in (found[0] if found else None, room) if v is not None]
+    return min(values) if values else None
+
+
+def available_budget(device: str, local_ranks: int = 1) -> MemoryBudget:
+    """The budget of a run without ``--max-memory``: ``AVAILABLE_SHARE`` of what the host has available now,
+    shared by the ranks of this node, and of the GPU's free memory with cuda. No limit where it cannot be read."""
+    host = host_available()
+    gpu = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        gpu = int(torch.cuda.mem_get_info(torch.device(device))[0] * AVAILABLE_SHARE)
+    return MemoryBudget(
+        host=None if host is None else int(host * AVAILABLE_SHARE) // max(local_ranks, 1),
+        device=gpu,
+        origin=f"available memory ({AVAILABLE_SHARE:.0%} of it; set --max-memory to plan for another budget)",
+    )
+
+
 def parse_budget(text: str | int | None, device: str) -> MemoryBudget:
-    """``64GB`` (the memory the work runs in: host on cpu, the GPU with cuda) or ``host=200GB,device=80GB``."""
+    """``64GB`` (the memory the work runs in: host on cpu, the GPU with cuda), ``host=200GB,device=80GB``, or
+    ``unlimited`` (plan, but never stop or adapt). None: the memory available now (:func:`available_budget`)."""
     if text is None:
-        return MemoryBudget()
+        return available_budget(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if isinstance(text, str) and text.strip().lower() == "unlimited":
+        return MemoryBudget(origin="--max-memory unlimited")
     cuda = device.startswith("cuda")
     try:
         if isinstance(text, int) or "=" not in text:
@@ -161,6 +232,42 @@ class ModelShape:
     expert_bias: bool = False
     linear_maps: tuple[tuple[int, int], ...] = ()
     """(out, in + b) of the linears ``linear_layers: all`` solves, in the layer where their sums are largest."""
+    banked: bool = False
+    """Whether the walk holds the routed experts in a bank (storage dtype, read piece by piece; walk.py)
+    rather than converting them with the layer."""
+    expert_disk_bytes: int = 0
+    """On-disk bytes of one MoE layer's routed experts (what a resident bank holds)."""
+
+    @property
+    def expert_numbers(self) -> int:
+        """Numbers of one MoE layer's routed experts (gate/up and down, biases included)."""
+        return self.experts * sum(o * i for o, i in self.expert_maps)
+
+    @property
+    def converted_numbers(self) -> int:
+        """Numbers of a layer converted to the forward dtype when it is materialised (all but a bank's experts)."""
+        return self.layer_numbers - (self.expert_numbers if self.banked else 0)
+
+    @property
+    def expert_number_bytes(self) -> int:
+        """On-disk bytes of one expert number (the bank's dtype); 0 when not banked."""
+        return self.expert_disk_bytes // max(self.expert_numbers, 1) if self.banked else 0
+
+    def layer_bytes(self, forward_bytes: int, resident_bank: bool = True) -> int:
+        """One decoder layer in memory: its converted numbers x f, plus a resident bank's on-disk experts."""
+        bank = self.expert_disk_bytes if self.banked and resident_bank else 0
+        return self.converted_numbers * forward_bytes + bank
+
+    def converting_bytes(self, forward_bytes: int) -> int:
+        """What converting a layer holds beside its result: the tensors as read and the converted pieces
+        (measured: 3 layers + its on-disk bytes in all); only the part outside a bank is converted."""
+        rest_disk = self.layer_disk_bytes - (self.expert_disk_bytes if self.banked else 0)
+        return 2 * self.converted_numbers * forward_bytes + rest_disk
+
+    def expert_cast_bytes(self, forward_bytes: int) -> int:
+        """One expert read from a bank (storage dtype) and cast to the forward dtype, as the banked forward runs it."""
+        per_expert = sum(o * i for o, i in self.expert_maps)
+        return per_expert * (forward_bytes + self.expert_number_bytes) if self.banked else 0
 
     @classmethod
     def of(cls, layout: ModelLayout, reader: CheckpointReader) -> ModelShape:
@@ -180,10 +287,19 @@ class ModelShape:
                 disk_per_layer[index] = disk_per_layer.get(index, 0) + info.nbytes
             else:
                 resident += math.prod(info.shape)
-        layers = build_meta_model(layout.config).get_submodule(layout.layers_module)
+        model = build_meta_model(layout.config)
+        layers = model.get_submodule(layout.layers_module)
+        banked, expert_disk = False, 0
         try:
-            experts = FusedExperts(experts_module(layers[first.index], f"{layout.layers_module}.{first.index}")[1])
-            expert_maps = (tuple(experts.gate_up().shape[1:]), tuple(experts.down().shape[1:]))
+            name, module = experts_module(layers[first.index], f"{layout.layers_module}.{first.index}")
+            experts = FusedExperts(module)
+            expert_maps = (experts.shape("gate_up_proj")[1:], experts.shape("down_proj")[1:])
+            if banks_experts(module):
+                path = f"{layout.layers_module}.{first.index}.{name}"
+                found = [expert_pieces(model, f"{path}.{m}", tuple(module._parameters[m].shape)) for m in MATRICES]
+                names = [piece.name for pieces in found if pieces for own in pieces for piece in own]
+                banked = all(found) and all(n in reader for n in names)
+                expert_disk = sum(reader.info(n).nbytes for n in names) if banked else 0
         except ArchitectureError:
             experts, expert_maps = None, ()
         routers = {
@@ -202,6 +318,8 @@ class ModelShape:
             expert_maps=expert_maps,
             expert_bias=experts is not None and experts.bias,
             linear_maps=max(linears, key=lambda maps: sum(RegMeanSums.bytes_per_map(o, i) for o, i in maps)),
+            banked=banked,
+            expert_disk_bytes=expert_disk,
         )
 
 
@@ -240,6 +358,14 @@ def rank_tokens(lengths: Sequence[Sequence[int]], batch_tokens: int, world_size:
         padded.append(max(sum(sizes[i][0] for i in s) for s in shards))
         real.append(max(sum(sizes[i][1] for i in s) for s in shards))
     return RankTokens(tuple(padded), tuple(real), max((max(d, default=0) for d in lengths), default=0))
+
+
+class MemoryPlanError(ValueError):
+    """No plan fits the budget; ``plan`` is the smallest one (``describe()`` says what it holds)."""
+
+    def __init__(self, message: str, plan: MemoryPlan):
+        super().__init__(message)
+        self.plan = plan
 
 
 @dataclass(frozen=True)
@@ -284,6 +410,7 @@ class MemoryPlan:
         ]
         lines += [f"  {what:<44} {n / 1e9:>9.3f} GB  {where}" for what, n, where in self.parts]
         lines.append(f"  {'peak host':<44} {self.host_bytes / 1e9:>9.3f} GB  (budget {_gb(self.budget.host)})")
+        lines.insert(1, f"  budget from {self.budget.origin}")
         if self.on_gpu:
             device = f"  {'peak device':<44} {self.device_bytes / 1e9:>9.3f} GB"
             lines.append(f"{device}  (budget {_gb(self.budget.device)})")
@@ -311,7 +438,7 @@ def expert_sums_bytes(shape: ModelShape) -> int:
     return sum(RegMeanSums.bytes_per_map(out, inp) for out, inp in shape.expert_maps)
 
 
-def group_bytes(shape: ModelShape, group: int, variant: str, forward_bytes: int) -> dict[str, int]:
+def group_bytes(shape: ModelShape, group: int, variant: str, slice_bytes: int) -> dict[str, int]:
     """RegMean's float64 sums and solved experts for groups of `group` experts, by phase of :func:`_estimate`.
 
     Mirrors ``RegMeanCalibration._calibrate``: a task's sums live through its passes and solves; each
@@ -324,7 +451,7 @@ def group_bytes(shape: ModelShape, group: int, variant: str, forward_bytes: int)
     s_a, s_c = RegMeanSums.bytes_per_map(o_a, i_a), RegMeanSums.bytes_per_map(o_c, i_c)
     g = group
     later = g if g < shape.experts else 0  # a group that follows another
-    solved = 8 * g * (a + c) + g * max(a, c) * forward_bytes
+    solved = 8 * g * (a + c) + g * max(a, c) * slice_bytes  # the stage-1 slice, as the layer holds its experts
     if variant == "classic":
         return {
             "load": g * (s_a + s_c) + later * (s_a + s_c + 8 * c),
@@ -360,11 +487,20 @@ def _estimate(
     t_max, n_max = max(tokens.padded, default=0), max(tokens.real, default=0)
     per_token = 20 * d + 2 * shape.heads * tokens.longest + 4 * shape.top_k * shape.expert_width + 4 * E
     work = "device" if on_gpu else "host"
-    layer, resident = shape.layer_numbers * f, shape.resident_numbers * f
+    resident = shape.resident_numbers * f
     batch = batch_tokens * per_token * f
+    # a bank stays in host memory (its experts go to the device one at a time)
+    converted, bank = shape.converted_numbers * f, shape.layer_bytes(f) - shape.converted_numbers * f
+    cast = shape.expert_cast_bytes(f)
     terms: list[_Term] = [
         ("resident (embeddings, head)", work, dict.fromkeys(_PHASES, resident)),
-        ("one decoder layer", work, dict.fromkeys(_PHASES, layer)),
+        (
+            "one decoder layer" + (" (experts: see bank)" if shape.banked else ""),
+            work,
+            dict.fromkeys(_PHASES, converted),
+        ),
+        ("its experts in a bank (storage dtype)", "host", dict.fromkeys(_PHASES, bank)),
+        ("one expert read and cast (forward)", work, {"forward": cast, "pass": cast}),
         (f"forward batch of {batch_tokens} tokens (estimate)", work, {"forward": batch, "pass": batch}),
         (
             f"hidden states ({T} + {t_max} tokens)",
@@ -383,17 +519,17 @@ def _estimate(
         ]
     if expert_group is not None:
         terms += _regmean_terms(shape, tokens, options, batch_tokens, storage, expert_group, work, hidden_on)
-    reading = 3 * layer + shape.layer_disk_bytes  # as read, converted pieces, the result (measured)
+    reading = shape.converting_bytes(f)  # as read and converted pieces, beside the result (measured)
     if on_gpu:  # a layer (merged, or a source's) is converted on the host before it moves to the GPU
         terms.append(
             (
                 "one decoder layer, staged on the host",
                 "host",
-                {"materialise": reading, "forward": layer, "load": reading},
+                {"materialise": reading + converted, "forward": converted, "load": reading + converted},
             )
         )
     else:
-        terms.append(("materialising a layer: pieces read and converted", work, {"materialise": reading - layer}))
+        terms.append(("materialising a layer: pieces read and converted", work, {"materialise": reading}))
     phases = ["materialise", "forward"] + (["solve"] if options.routers else [])
     phases += ["load", "pass", "regmean", "output"] if expert_group is not None else []
     peaks = {"host": 0, "device": 0}
@@ -416,21 +552,24 @@ def _regmean_terms(
 ) -> list[_Term]:
     """The terms RegMean of the experts adds (module docstring), by phase of :func:`_estimate`."""
     regmean = options.regmean
-    d, E, inter = shape.hidden, shape.experts, shape.expert_width
+    d, inter = shape.hidden, shape.expert_width
     s, f, w = _BYTES[storage], _BYTES[options.forward_dtype], _BYTES[regmean.work_dtype]
     T, t_max, n_max = sum(tokens.padded), max(tokens.padded, default=0), max(tokens.real, default=0)
     sequential = regmean.variant == "sequential"
-    experts = E * sum(o * i for o, i in shape.expert_maps)
+    experts = shape.expert_numbers
     disk = experts * shape.layer_disk_bytes // max(shape.layer_numbers, 1)  # the experts in the checkpoint's dtype
     linears = shape.linear_maps if regmean.linear_layers == "all" else ()
     linear_sums = sum(RegMeanSums.bytes_per_map(o, i) for o, i in linears)
     maps = shape.expert_maps + linears
-    fold = (batch_tokens * (4 * d + 6 * inter) + max(i * i + 2 * o * i for o, i in maps)) * w
-    copies = (1 + sequential) * experts * w if (w != f or shape.expert_bias) else 0
-    hooked = copies or experts * f  # the last source's experts, kept by its fold hook until the next one
+    (o_a, i_a), (o_c, i_c) = shape.expert_maps
+    # the source's expert, and in a sequential down pass the merged model's gate/up, cast to the work dtype
+    casts = (2 * o_a * i_a + o_c * i_c) * w + (o_a * i_a + o_c * i_c) * shape.expert_number_bytes
+    fold = (batch_tokens * (4 * d + 6 * inter) + max(i * i + 2 * o * i for o, i in maps)) * w + casts
     map_solve = max(8 * (3 * i * i + 4 * o * i) for o, i in maps)
-    layer = shape.layer_numbers * f
-    loading = layer if work == "device" else 3 * layer + shape.layer_disk_bytes  # on a GPU, converted on the host
+    layer = shape.layer_bytes(f, resident_bank=False)  # a source's experts are read from disk when used (lazy bank)
+    loading = layer if work == "device" else layer + shape.converting_bytes(f)  # on a GPU, converted on the host
+    slice_bytes = shape.expert_number_bytes if shape.banked else f
+    output = disk if shape.banked else 2 * disk  # a bank's tensors are saved as they are: one serialised copy
     return [
         (
             f"sources' hidden ({T} + {t_max} tokens)",
@@ -439,21 +578,15 @@ def _regmean_terms(
         ),
         ("one source's decoder layer (read, converted)", work, {"load": loading, "pass": layer}),
         (
-            "RegMean: a source's experts (fold hook)",
+            f"RegMean: sums and solutions, groups of {group}",
             work,
-            {"load": hooked, "pass": copies, "regmean": hooked, "output": hooked},
+            group_bytes(shape, group, regmean.variant, slice_bytes),
         ),
-        (
-            "RegMean: stage-1 experts of the layer",
-            work,
-            dict.fromkeys(("load", "pass", "regmean", "output"), experts * f),
-        ),
-        (f"RegMean: sums and solutions, groups of {group}", work, group_bytes(shape, group, regmean.variant, f)),
         ("RegMean: one map's solve", work, {"regmean": map_solve, "output": map_solve}),
         (f"RegMean: fold of a {batch_tokens}-token batch", work, {"pass": fold}),
         (f"RegMean: expert inputs ({n_max} tokens)", work, {"pass": n_max * d * f if sequential else 0}),
         ("RegMean: sums of the other linears", work, dict.fromkeys(("load", "pass", "regmean", "output"), linear_sums)),
-        ("RegMean: new experts as saved, and converted", "host", {"output": 2 * disk}),
+        ("RegMean: new experts as saved" + ("" if shape.banked else ", and converted"), "host", {"output": output}),
     ]
 
 
@@ -491,7 +624,7 @@ def plan_memory(
         list(_FALLBACK[_FALLBACK.index(requested) :]) if options.routers else [requested]
     )
     if requested == resolve_auto(options.harc.preconditioner, shape.hidden + 1):
-        preconditioners[0] = options.harc.preconditioner  # "auto" stays "auto" (no change) while what it stands for fits
+        preconditioners[0] = options.harc.preconditioner  # "auto" stays "auto" while what it stands for fits
     placements = ["device", "host"] if on_gpu else ["host"]
     groups = _expert_groups(shape, options)  # (experts per group, sums_budget_bytes)
     tokens_by_batch = {bt: rank_tokens(lengths, bt, world_size) for bt in batches}
@@ -536,15 +669,18 @@ def plan_memory(
         last = plan
     assert last is not None
     largest = ", ".join(f"{what} {_gb(n)} on {where}" for what, n, where in sorted(last.parts, key=lambda p: -p[1])[:3])
-    raise ValueError(
-        f"--max-memory: the budget (host {_gb(budget.host)}, device {_gb(budget.device)} per rank) cannot be met; "
+    where = "--max-memory" if budget.origin == "--max-memory" else f"the budget from {budget.origin}"
+    raise MemoryPlanError(
+        f"{where}: the budget (host {_gb(budget.host)}, device {_gb(budget.device)} per rank) cannot be met; "
         f"the smallest plan needs host {_gb(last.host_bytes)}"
         + (f", device {_gb(last.device_bytes)}" if on_gpu else "")
         + f" (batch_tokens {last.batch_tokens}, {last.activation_dtype} activations, preconditioner "
         f"{last.preconditioner}"
         + ("" if last.expert_group is None else f", RegMean experts in groups of {last.expert_group}")
         + f"; largest parts: {largest}). Raise the budget, "
-        "calibrate on fewer tokens (--max-samples, --max-length) or run on more ranks."
+        "calibrate on fewer tokens (--max-samples, --max-length) or run on more ranks. The smallest plan:\n"
+        + last.describe(),
+        last,
     )
 
 

@@ -139,7 +139,9 @@ class CalibrationOptions(BaseModel):
         None,
         description="Memory budget per rank, e.g. 64GB (host on cpu, the GPU with cuda) or host=200GB,device=80GB: "
         "forward batch, activation storage dtype, preconditioner and (GPU) where hidden states live are planned "
-        "to fit it, or the run stops before any work (docs/SCALING.md). None: no limit.",
+        "to fit it, or the run stops before any work (docs/SCALING.md); unlimited: plan without a limit. "
+        "None: 90 percent of the memory available when the run starts (MemAvailable, the cgroup's limit, the "
+        "GPU's free memory), shared by the ranks of a node.",
     )
 
     @model_validator(mode="before")

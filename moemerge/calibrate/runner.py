@@ -31,7 +31,7 @@ import torch
 from moemerge.architectures.layout import ModelLayout, MoeLayer, load_layout
 from moemerge.architectures.routing import top_k_agreement, top_k_experts
 from moemerge.calibrate.experts import RegMeanCalibration
-from moemerge.calibrate.memory import ModelShape, parse_budget, plan_memory
+from moemerge.calibrate.memory import MemoryPlanError, ModelShape, parse_budget, plan_memory
 from moemerge.calibrate.options import CalibrationOptions
 from moemerge.calibrate.solve import solve_router
 from moemerge.calibrate.walk import LayerWalker
@@ -396,7 +396,12 @@ def calibrate(
         raise ValueError(f"{out_dir}: output exists; pass overwrite to replace it")
     work = Path(work_dir) if work_dir else out_dir.parent / f"{out_dir.name}.work"
     with folder_lock(out_dir), folder_lock(work):  # a second run into either is refused, naming this one
-        calibrator = Calibrator(merged, domains, options or CalibrationOptions(), work)
+        try:
+            calibrator = Calibrator(merged, domains, options or CalibrationOptions(), work)
+        except MemoryPlanError as err:  # stopped before any work: say what the smallest plan would have held
+            if progress:
+                print(err.plan.describe(), file=sys.stderr)
+            raise
         logger.info("%s", calibrator.plan.describe())
         if progress and calibrator.ranks.is_writer:
             print(calibrator.plan.describe(), file=sys.stderr)

@@ -51,23 +51,30 @@ def run_recipe(
     stage1: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    max_memory: str | None = None,
 ) -> Path:
-    """Run every stage the recipe asks for; returns the final model folder."""
+    """Run every stage the recipe asks for; returns the final model folder.
+
+    `max_memory` (``--max-memory``) replaces the recipe's ``calibrate.max_memory`` for the walk of stage 2
+    and of a stage-1 ``regmean``.
+    """
     recipe = load_recipe(recipe_path)
     out_dir = Path(out_dir)
     if recipe.calibrate is None:
         if stage1 is not None:
             raise ValueError(f"{recipe_path}: --stage1 given but the recipe has no calibrate section")
-        return merge_checkpoints(recipe_path, out_dir, overwrite=overwrite, progress=progress)
+        return merge_checkpoints(recipe_path, out_dir, overwrite=overwrite, progress=progress, max_memory=max_memory)
     with folder_lock(out_dir):
         if out_dir.exists() and not overwrite:
             raise ValueError(f"{out_dir}: output exists; pass --overwrite to replace it")
         recipe_text = Path(recipe_path).read_text()
         work = out_dir.parent / f"{out_dir.name}.work"
         if stage1 is None:
-            stage1 = str(_stage1(recipe_path, recipe, recipe_text, out_dir, work, overwrite, progress))
+            stage1 = str(_stage1(recipe_path, recipe, recipe_text, out_dir, work, overwrite, progress, max_memory))
         section = recipe.calibrate
         options = CalibrationOptions.model_validate(section.model_dump(exclude={"domains"}))
+        if max_memory is not None:
+            options = options.model_copy(update={"max_memory": max_memory})
         domains = [Domain(source, tuple(files)) for source, files in section.domains.items()]
         files = [str(f) for d in domains for f in d.files]
         key = _inputs_key(recipe_text, [stage1, *(d.source for d in domains)], files)
@@ -91,7 +98,14 @@ def run_recipe(
 
 
 def _stage1(
-    recipe_path: str | Path, recipe: Recipe, text: str, out_dir: Path, work: Path, overwrite: bool, progress: bool
+    recipe_path: str | Path,
+    recipe: Recipe,
+    text: str,
+    out_dir: Path,
+    work: Path,
+    overwrite: bool,
+    progress: bool,
+    max_memory: str | None = None,
 ) -> Path:
     """`OUT.stage1`: merged now, or kept from a killed run of the same inputs (its key in `OUT.work`)."""
     stage1 = out_dir.parent / f"{out_dir.name}.stage1"
@@ -104,7 +118,7 @@ def _stage1(
         with disk_errors(work):
             work.mkdir(parents=True, exist_ok=True)
             marker.write_text(key)  # before the merge: whenever OUT.stage1 appears, it is of these inputs
-    return merge_checkpoints(recipe_path, stage1, overwrite=overwrite, progress=progress)
+    return merge_checkpoints(recipe_path, stage1, overwrite=overwrite, progress=progress, max_memory=max_memory)
 
 
 def _move_into_place(staged: Path, out_dir: Path) -> None:

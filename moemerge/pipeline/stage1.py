@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,8 @@ from moemerge.merge.plan import MergeError, resolve_device
 from moemerge.pipeline.regmean import METHOD as REGMEAN
 from moemerge.pipeline.regmean import merge_regmean
 from moemerge.units import parse_size
+
+LOG = logging.getLogger(__name__)
 
 
 def _recipe_text(recipe: Recipe) -> str:
@@ -28,17 +31,24 @@ def merge_checkpoints(
     max_shard_bytes: int | str = "2GB",
     progress: bool = True,
     recipe_text: str | None = None,
+    max_memory: str | None = None,
 ) -> Path:
     """Run stage 1 of `recipe` (a Recipe or a YAML path) into `out_dir`, atomically; returns `out_dir`.
 
     Every check (configs, tensor names, shapes, parameters) runs before anything is written; a
     failure later removes the temporary folder, so `out_dir` is either complete or untouched. A
-    killed run resumes from the shards it finished when run again.
+    killed run resumes from the shards it finished when run again. `max_memory` (``--max-memory``)
+    replaces ``calibrate.max_memory`` for the walk of ``regmean``; a per-tensor merge holds a few copies
+    of one tensor at a time and plans no memory (a warning says so).
     """
     if isinstance(recipe, str | Path):
         recipe_text = recipe_text or Path(recipe).read_text()
         recipe = load_recipe(recipe)
     recipe_text = recipe_text or _recipe_text(recipe)
+    if max_memory is not None and recipe.merge_method == REGMEAN:
+        recipe = recipe.model_copy(update={"calibrate": recipe.calibrate.model_copy(update={"max_memory": max_memory})})
+    elif max_memory is not None:
+        LOG.warning("--max-memory %s: %s merges tensor by tensor and plans no memory", max_memory, recipe.merge_method)
     out_dir = Path(out_dir)
     with folder_lock(out_dir):  # a second run into `out_dir` is refused, naming this one
         return _merge_locked(recipe, out_dir, overwrite, device, max_shard_bytes, progress, recipe_text)

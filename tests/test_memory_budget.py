@@ -1,0 +1,90 @@
+"""The default memory budget (what the host has available now) and ``--max-memory`` on ``merge`` and ``run``.
+
+A run without ``--max-memory`` plans against 90 % of MemAvailable (capped by the cgroup's room): it adapts
+to it or stops, with the plan, before any work. The flag reaches the walk of stage-1 ``regmean`` and of
+``run`` from the command line, overriding the recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_specialists
+
+import moemerge.calibrate.memory as memory
+from moemerge.calibrate.memory import AVAILABLE_SHARE, MemoryBudget, host_available, parse_budget
+from moemerge.calibrate.options import CalibrationOptions
+from moemerge.calibrate.runner import Calibrator, Domain
+from moemerge.cli import main
+
+
+def _meminfo_available() -> int:
+    line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_default_budget_is_a_share_of_the_memory_available_now() -> None:
+    available = _meminfo_available()
+    assert 0 < host_available() <= available * 1.1  # MemAvailable moves while other processes run
+    budget = parse_budget(None, "cpu")
+    assert budget.origin.startswith("available memory") and budget.device is None
+    assert 0.5 * AVAILABLE_SHARE * available < budget.host <= 1.1 * AVAILABLE_SHARE * available
+    assert parse_budget("unlimited", "cpu") == MemoryBudget(origin="--max-memory unlimited")
+    assert parse_budget("16GB", "cpu") == MemoryBudget(host=16 * 10**9)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_specialists("olmoe", tmp_path_factory.mktemp("budget"), num_hidden_layers=2)
+
+
+def _domains(setup: dict) -> list[Domain]:
+    return [Domain(str(s), (str(f),)) for s, f in zip(setup["sources"], setup["data"], strict=True)]
+
+
+def test_default_budget_that_cannot_be_met_stops_with_the_plan(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --max-memory the plan must fit what is available; the refusal names that budget and prints the plan."""
+    options = CalibrationOptions(experts=True, batch_tokens=256)
+    fits = Calibrator(str(setup["average"]), _domains(setup), options, tmp_path / "fits")
+    assert fits.plan.budget.origin.startswith("available memory") and not fits.plan.changes
+    assert "budget from available memory" in fits.plan.describe()
+    monkeypatch.setattr(memory, "AVAILABLE_SHARE", 1e3 / _meminfo_available())  # ~1 kB "available"
+    with pytest.raises(ValueError, match=r"the budget from available memory.*cannot be met.*\n.*memory plan per rank"):
+        Calibrator(str(setup["average"]), _domains(setup), options, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def _regmean_recipe(setup: dict, tmp_path: Path, method: str) -> Path:
+    sources = [str(s) for s in setup["sources"]]
+    recipe = {
+        "merge_method": method,
+        "base_model": str(setup["base"]),
+        "models": [{"model": s} for s in sources],
+        "dtype": "float32",
+        "calibrate": {
+            "domains": {s: [str(f)] for s, f in zip(sources, setup["data"], strict=True)},
+            "batch_tokens": 256,
+            "data": {"max_length": 64, "heldout": 0},
+        },
+    }
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("command", ["merge", "run"])
+def test_max_memory_flag_reaches_the_walk(
+    setup: dict, tmp_path: Path, command: str, capsys: pytest.CaptureFixture
+) -> None:
+    """`merge` (stage-1 regmean's walk) and `run` (stage 2) plan to --max-memory, over the recipe's (none here)."""
+    recipe = _regmean_recipe(setup, tmp_path, "regmean" if command == "merge" else "linear")
+    out = tmp_path / "out"
+    assert main([command, str(recipe), "-o", str(out), "--max-memory", "1MB"]) == 1
+    err = capsys.readouterr().err
+    assert "moemerge: error: --max-memory: the budget (host 0.001 GB, device no limit per rank) cannot be met" in err
+    assert "memory plan per rank" in err and "budget from --max-memory" in err  # the smallest plan, printed
+    assert not out.exists()
