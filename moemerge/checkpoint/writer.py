@@ -8,8 +8,8 @@ any exception removes the temporary folder, so a failed run never leaves a half-
 A write the disk refuses (full disk, quota, file-size limit) is a one-line `CheckpointError`
 naming the output, not the safetensors library's traceback. A resumable writer (`resume_key`)
 keeps its folder under a name derived from the key instead of a random one: a run that is killed
-(or interrupted with Ctrl-C) leaves it, and the next run with the same key adopts the shards it
-finished (merge/distributed.py); an error still removes it.
+(or interrupted with Ctrl-C, or loses a torchrun rank) leaves it, and the next run with the same
+key adopts the shards it finished (merge/distributed.py); an error in the inputs still removes it.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
         self.resumable = resume_key is not None
+        self._keep = False
         if resume_key is None:
             self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         else:
@@ -204,8 +205,13 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         return self
 
+    def keep_for_resume(self) -> None:
+        """Leave a resumable writer's folder in place when the error now propagating is not the inputs' fault."""
+        self._keep = self.resumable
+
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if self.resumable and exc_type is not None and not issubclass(exc_type, Exception):
-            return  # Ctrl-C or exit: the finished shards are kept for the rerun
+        interrupted = exc_type is not None and not issubclass(exc_type, Exception)  # Ctrl-C, exit
+        if self.resumable and (interrupted or self._keep):
+            return  # the finished shards are kept for the rerun
         if self.tmp_dir.exists():  # finalize renamed it away; anything left is unfinished work
             self.abort()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from moemerge.checkpoint.reader import CheckpointError, read_header
 from moemerge.checkpoint.writer import CheckpointWriter, disk_errors, save_shard, shard_file_name
-from moemerge.distributed import Ranks, assign_shards, init_ranks
+from moemerge.distributed import RankFailure, Ranks, assign_shards, init_ranks
 from moemerge.merge.plan import MergeError, MergePlan
 from moemerge.merge.tensors import merge_tensors
 
@@ -122,32 +122,51 @@ def merge_sharded(
     mine = assign_shards(shard_bytes, ranks.world_size)[ranks.rank] if ranks.distributed else range(len(shards))
     settings = {"overwrite": overwrite, "max_shard_bytes": max_shard_bytes, "resume_key": resume_key}
     with CheckpointWriter(out_dir, **settings) if ranks.is_writer else nullcontext() as writer:
-        tmp_dir = ranks.broadcast(writer.tmp_dir if writer is not None else None)
+        try:
+            return _merge_and_finalize(plan, ranks, writer, mine, shards, dict(sizes), out_dir, finish, progress)
+        except RankFailure:  # a rank died, not the inputs' fault: the rerun (or torchrun's restart) resumes
+            if writer is not None:
+                writer.keep_for_resume()
+            raise
 
-        def merge_mine() -> None:
-            todo = [k for k in mine if not _finished(tmp_dir / shard_file_name(k), shards[k])]
-            files = _ShardFiles(tmp_dir, {k: shards[k] for k in todo}, dict(sizes))
-            names = [name for k in todo for name in shards[k]]
-            with disk_errors(out_dir):
-                merge_tensors(plan, names, files, device=str(ranks.device), progress=progress and ranks.is_writer)
 
-        if not ranks.distributed:
+def _merge_and_finalize(
+    plan: MergePlan,
+    ranks: Ranks,
+    writer: CheckpointWriter | None,
+    mine: Sequence[int],
+    shards: list[list[str]],
+    sizes: dict[str, int],
+    out_dir: Path,
+    finish: Callable[[CheckpointWriter], None],
+    progress: bool,
+) -> Path:
+    tmp_dir = ranks.broadcast(writer.tmp_dir if writer is not None else None)
+
+    def merge_mine() -> None:
+        todo = [k for k in mine if not _finished(tmp_dir / shard_file_name(k), shards[k])]
+        files = _ShardFiles(tmp_dir, {k: shards[k] for k in todo}, sizes)
+        names = [name for k in todo for name in shards[k]]
+        with disk_errors(out_dir):
+            merge_tensors(plan, names, files, device=str(ranks.device), progress=progress and ranks.is_writer)
+
+    if not ranks.distributed:
+        merge_mine()
+    else:
+        error = None
+        try:
             merge_mine()
-        else:
-            error = None
-            try:
-                merge_mine()
-            except Exception as err:  # reported to every rank below
-                error = f"rank {ranks.rank}: {type(err).__name__}: {err}"
-            errors = [e for e in ranks.all_gather(error) if e is not None]
-            if errors:
-                raise MergeError("distributed merge failed: " + "; ".join(errors))
+        except Exception as err:  # reported to every rank below
+            error = f"rank {ranks.rank}: {type(err).__name__}: {err}"
+        errors = [e for e in ranks.all_gather(error) if e is not None]
+        if errors:
+            raise MergeError("distributed merge failed: " + "; ".join(errors))
 
-        def adopt_and_finalize() -> Path:
-            assert writer is not None
-            for k, names in enumerate(shards):
-                writer.add_shard_file(tmp_dir / shard_file_name(k), names)
-            finish(writer)
-            return writer.finalize(expected=set(plan.names))
+    def adopt_and_finalize() -> Path:
+        assert writer is not None
+        for k, names in enumerate(shards):
+            writer.add_shard_file(tmp_dir / shard_file_name(k), names)
+        finish(writer)
+        return writer.finalize(expected=set(plan.names))
 
-        return ranks.on_writer(adopt_and_finalize)
+    return ranks.on_writer(adopt_and_finalize)
