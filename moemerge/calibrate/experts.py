@@ -50,6 +50,7 @@ from moemerge.architectures.layout import ArchitectureError, ModelLayout, load_l
 from moemerge.calibrate.fused_experts import FusedExperts, bank_of, expert_call, experts_module
 from moemerge.calibrate.options import CalibrationOptions, RegMeanOptions
 from moemerge.calibrate.regmean_sums import RegMeanSums, augment, fold_expert_batch
+from moemerge.calibrate.stages import StageClock
 from moemerge.calibrate.walk import LayerWalker
 from moemerge.finite import check_finite, check_tensors
 
@@ -197,6 +198,7 @@ class RegMeanCalibration:
         """Test hook: (layer, {"phase": gate_up_proj or down_proj, "experts", "sums", "tokens"}) before a solve."""
         self._cache: tuple[int, dict[str, Tensor]] | None = None
         self._dtypes: dict[str, torch.dtype] = {}
+        self.clock: StageClock = getattr(calibrator, "clock", None) or StageClock()
 
     # ---- the walk -------------------------------------------------------------------------
 
@@ -230,7 +232,8 @@ class RegMeanCalibration:
         else:
             tensors, summary = self._calibrate(index, merged_layer)
             if self._is_writer:
-                self._save(done, tensors, summary)
+                with self.clock("write"):
+                    self._save(done, tensors, summary)
         self.replaced.update({name: index for name in summary["replaced"]})
         self.summaries[index] = summary
         return {k: v for k, v in summary.items() if k != "replaced"}
@@ -282,8 +285,10 @@ class RegMeanCalibration:
         return outputs if full else None
 
     def _advance(self, source: SourceWalk, index: int) -> None:
-        layer = source.walker.materialize(index)
-        source.hidden = self._forward(layer, index, source.batches, source.hidden, [], full=True)
+        with self.clock("read source layers"):
+            layer = source.walker.materialize(index)
+        with self.clock("forward sources"):
+            source.hidden = self._forward(layer, index, source.batches, source.hidden, [], full=True)
         source.walker.release(index)
 
     # ---- one layer ------------------------------------------------------------------------
@@ -327,12 +332,14 @@ class RegMeanCalibration:
             if task.phase in ("both", "down"):
                 down = RegMeanSums.zeros(len(task.experts), d_out, inter_in, opts.alpha, device)
             for k, source in enumerate(self.sources):
-                layer = source.walker.materialize(index)
+                with self.clock("read source layers"):
+                    layer = source.walker.materialize(index)
                 hooks = []
                 merged_inputs = None
                 if task.experts:
                     if opts.variant == "sequential":
-                        merged_inputs = self._merged_expert_inputs(merged_layer, index, k)
+                        with self.clock("forward merged"):
+                            merged_inputs = self._merged_expert_inputs(merged_layer, index, k)
                     _, source_module = experts_module(layer, f"{source.name}: {prefix}")
                     fold = self._expert_fold(
                         k, task, FusedExperts(source_module), gate_up, down, tokens, merged_inputs, merged_fused
@@ -340,7 +347,8 @@ class RegMeanCalibration:
                     hooks.append((source_module, fold))
                 if task.last and linears:
                     hooks += self._linear_hooks(layer, linears, prefix)
-                outputs = self._forward(layer, index, source.batches, source.hidden, hooks, full=task.last)
+                with self.clock("forward sources"):
+                    outputs = self._forward(layer, index, source.batches, source.hidden, hooks, full=task.last)
                 if task.last:
                     source.hidden = outputs
                 source.walker.release(index)
@@ -357,7 +365,8 @@ class RegMeanCalibration:
                     self.on_sums(index, {"phase": pname, "experts": task.experts, "sums": sums, "tokens": tokens})
                 # each (expert, matrix) is written once, after its own solve: the module still holds stage 1 here
                 stage1 = torch.stack([merged_fused.matrix(pname, e).detach() for e in task.experts])
-                solution, fell_back = sums.solve(stage1)
+                with self.clock("expert solves"):
+                    solution, fell_back = sums.solve(stage1)
                 del stage1
                 fallbacks += int((fell_back & enough).sum())
                 for j, e in enumerate(task.experts):
@@ -421,19 +430,20 @@ class RegMeanCalibration:
             x = x.reshape(-1, x.shape[-1])
             if x.shape[0] != real.shape[0]:
                 raise ValueError(f"{source.module}: experts saw {x.shape[0]} rows for {real.shape[0]} positions")
-            fold_expert_batch(
-                task.experts,
-                x[real].to(wd),
-                index.reshape(-1, index.shape[-1])[real],
-                weights.reshape(-1, weights.shape[-1])[real].to(wd),
-                weights_source,
-                gate_up,
-                down,
-                tokens[k] if task.phase != "down" else None,
-                merged_x=merged_inputs[b].to(wd) if merged_inputs is not None else None,
-                merged=weights_merged,
-                routing_weight=self.options.routing_weight,
-            )
+            with self.clock("expert sums"):
+                fold_expert_batch(
+                    task.experts,
+                    x[real].to(wd),
+                    index.reshape(-1, index.shape[-1])[real],
+                    weights.reshape(-1, weights.shape[-1])[real].to(wd),
+                    weights_source,
+                    gate_up,
+                    down,
+                    tokens[k] if task.phase != "down" else None,
+                    merged_x=merged_inputs[b].to(wd) if merged_inputs is not None else None,
+                    merged=weights_merged,
+                    routing_weight=self.options.routing_weight,
+                )
 
         return fold
 

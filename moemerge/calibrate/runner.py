@@ -34,6 +34,7 @@ from moemerge.calibrate.experts import RegMeanCalibration
 from moemerge.calibrate.memory import MemoryPlanError, ModelShape, parse_budget, plan_memory
 from moemerge.calibrate.options import CalibrationOptions
 from moemerge.calibrate.solve import solve_router
+from moemerge.calibrate.stages import StageClock
 from moemerge.calibrate.walk import LayerWalker
 from moemerge.checkpoint.card import model_card
 from moemerge.checkpoint.hub import provenance
@@ -196,6 +197,7 @@ class Calibrator:
             self.domains.append(_DomainState(domain.source, CheckpointReader(domain.source), domain_batches, hidden))
         self.solved: dict[str, torch.Tensor] = {}
         self.summaries: list[dict] = []
+        self.clock = StageClock()
         self.regmean = RegMeanCalibration(self) if options.experts else None  # experts before routers
 
     def _layer_file(self, index: int) -> Path:
@@ -297,7 +299,9 @@ class Calibrator:
         moe = {info.index: info for info in self.layout.moe_layers}
         bar = progress and self.ranks.is_writer
         for index in tqdm(range(self.layout.num_layers), desc="calibrating layers", disable=not bar):
-            layer = self.walker.materialize(index)
+            self.clock.layer = index
+            with self.clock("read merged layer"):
+                layer = self.walker.materialize(index)
             info = moe.get(index)
             regmean = self.regmean.run_layer(index, layer) if self.regmean is not None else None
             done = self._layer_file(index)
@@ -308,15 +312,18 @@ class Calibrator:
                 else:
                     inputs = []
                     for state in self.domains:
-                        _, x = self._run_layer(layer, index, state, info)
+                        with self.clock("forward merged"):
+                            _, x = self._run_layer(layer, index, state, info)
                         inputs.append(x)
                     if on_router_inputs is not None:
                         on_router_inputs(index, inputs)
-                    tensors, summary = self._solve(info, inputs)
+                    with self.clock("router solve"):
+                        tensors, summary = self._solve(info, inputs)
                     if regmean is not None:
                         summary["regmean"] = regmean
                     if self.ranks.is_writer:
-                        save_file(tensors, str(done.with_suffix(".tmp")))
+                        with self.clock("write"):
+                            save_file(tensors, str(done.with_suffix(".tmp")))
                         done.with_suffix(".json").write_text(json.dumps(summary, indent=1))
                         done.with_suffix(".tmp").rename(done)
                 self._install(info, tensors)
@@ -324,8 +331,11 @@ class Calibrator:
                 self.summaries.append(summary)
                 logger.info("layer %d: %s", index, json.dumps(summary))
             for state in self.domains:
-                state.hidden, _ = self._run_layer(layer, index, state, None)
+                with self.clock("forward merged"):
+                    state.hidden, _ = self._run_layer(layer, index, state, None)
             self.walker.release(index)
+            if info is not None and self.options.routers:
+                self.summaries[-1]["stages"] = self.clock.of(index)  # seconds per stage (stages.py)
 
     def write(self, out_dir: Path, overwrite: bool, card: str | None = None) -> Path:
         """OUT = merged model with every solved tensor replaced; every other tensor copied bit-identically.
