@@ -302,7 +302,8 @@ class DomainCurvature:
         counts = sizes.to(torch.float64)
         grams = self.reduce(grams)
         mean_curvature = self.reduce(curvature_sums) / self.reduce(counts).clamp(min=1.0)[:, None]  # group x expert
-        out += torch.einsum("ge,gij->eij", mean_curvature, grams) / self.num_tokens
+        # out_e += (1/N_i) sum_g mean_curvature[g, e] G_g, as one product without an E x dim x dim temporary
+        out.view(E, dim * dim).addmm_(mean_curvature.T, grams.view(E, dim * dim), alpha=1.0 / self.num_tokens)
         return out
 
     def expert_factor(self) -> Tensor:
