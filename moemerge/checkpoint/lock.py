@@ -49,7 +49,7 @@ def _holder_text() -> str:
         {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+            "command": shlex.join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 from moemerge.calibrate.options import CalibrationOptions
 from moemerge.calibrate.runner import Domain, calibrate
 from moemerge.checkpoint.lock import folder_lock
-from moemerge.checkpoint.reader import folder_stamp
+from moemerge.checkpoint.reader import CheckpointError, folder_stamp
 from moemerge.checkpoint.writer import disk_errors
 from moemerge.config import Recipe, load_recipe
 from moemerge.diagnose.evaluate import evaluate
@@ -86,7 +86,10 @@ def run_recipe(
                 if other != scratch:  # a killed run of other inputs
                     shutil.rmtree(other, ignore_errors=True)
         if not staged.exists():  # written atomically: present means complete
-            calibrate(stage1, domains, staged, options, work_dir=work, progress=progress)
+            try:
+                calibrate(stage1, domains, staged, options, work_dir=work, progress=progress)
+            except CheckpointError as err:  # name the output the user asked for, not the hidden folder
+                raise CheckpointError(str(err).replace(str(staged), str(out_dir))) from None
         if not writer:
             return out_dir
         if options.data.heldout:
@@ -154,6 +157,8 @@ def _diagnose_into(
     report = evaluate(dict(zip(names, [stage1, str(model)], strict=True)), domains, diagnose_options, progress=progress)
     where, moved = (json.dumps(str(p))[1:-1] for p in (model, final))
     report = Report.from_dict(json.loads(json.dumps(report.to_dict()).replace(where, moved)))
+    for unfinished in model.glob(".report.*"):  # a killed diagnose's temporary report folder
+        shutil.rmtree(unfinished)
     write_report(report, model / "report", overwrite=True)  # a resumed run diagnoses again
     card = model / "README.md"
     heading, marker = "## Results (held-out text; details in report/report.md)", "## Recipe"
