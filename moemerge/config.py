@@ -54,21 +54,43 @@ def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe file; relative model paths are resolved against the file's folder."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as err:
         raise RecipeError(f"{path}: recipe file not found") from err
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: invalid YAML ({err})") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except (yaml.YAMLError, RecursionError) as err:  # RecursionError: nesting deeper than the parser's stack
+        raise RecipeError(f"{path}: invalid YAML ({' '.join(str(err).split()) or type(err).__name__})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level")
+    if _expands_beyond(raw, 1000 + 10 * path.stat().st_size):
+        raise RecipeError(f"{path}: its YAML aliases expand to far more values than the file holds")
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        kind = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        kind = "unknown key" if first["type"] == "extra_forbidden" else " ".join(first["msg"].split())
         raise RecipeError(f"{path}: field {field}: {kind} ({len(err.errors())} error(s))") from err
-    return _resolve_paths(recipe, path.parent)
+    try:
+        return _resolve_paths(recipe, path.parent)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+
+def _expands_beyond(value: object, limit: int) -> bool:
+    """Whether `value` has more than `limit` nodes counting every alias use (a few YAML lines can alias billions)."""
+    stack, count = [value], 0
+    while stack:
+        count += 1
+        if count > limit:
+            return True
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _resolve_paths(recipe: Recipe, root: Path) -> Recipe:

@@ -34,6 +34,10 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 }
 """safetensors dtype codes moemerge reads, with the torch dtype each becomes."""
 
+ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+ITEM_BYTES |= {"I8": 1, "U8": 1, "BOOL": 1}
+"""Bytes per element of each dtype code."""
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -56,12 +60,29 @@ class TensorInfo:
     def nbytes(self) -> int:
         import math
 
-        size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(self.dtype, 1)
-        return math.prod(self.shape) * size
+        return math.prod(self.shape) * ITEM_BYTES[self.dtype]
+
+
+MAX_HEADER_BYTES = 100_000_000
+"""The largest header the safetensors library accepts."""
+
+_USIZE = 2**64
+"""Sizes and offsets are unsigned 64-bit integers in the format."""
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header, checking it against the file's size."""
+    """Parse one safetensors file's header, with every rule the safetensors library applies when it opens the file.
+
+    8-byte little-endian length, then that many bytes of UTF-8 JSON (an object starting with `{`):
+    tensor name -> {dtype, shape, data_offsets}, plus an optional `__metadata__` of strings. The
+    tensors' byte ranges must tile the data after the header exactly, each as long as its shape and
+    dtype say. Any file that passes opens with `safetensors.safe_open` to the same tensors; any
+    other is a one-line CheckpointError naming the file (and the tensor), read no further than its size.
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file is missing")
     size = path.stat().st_size
@@ -72,23 +93,69 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         (length,) = struct.unpack("<Q", prefix)
         if length > size - 8:
             raise CheckpointError(f"{path}: truncated header (declares {length} bytes, file has {size})")
+        if length > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header of {length} bytes exceeds safetensors' {MAX_HEADER_BYTES}")
         raw = handle.read(length)
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from err
-    data_size = size - 8 - length
+        if not raw.startswith(b"{"):
+            raise ValueError("it does not start with '{'")
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        if not isinstance(header, dict):
+            raise ValueError("it is not a JSON object")
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(f"{path}: corrupt safetensors header ({message})") from None
+    return _check_entries(path, header, size - 8 - length)
+
+
+def _is_size(value: object) -> bool:
+    return type(value) is int and 0 <= value < _USIZE
+
+
+def _check_entries(path: Path, header: dict, data_size: int) -> dict[str, TensorInfo]:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header ({what})")
+
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ must map names to strings")
+    ranges = []
     tensors = {}
     for name, entry in header.items():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad(f"tensor name {name!r} is not UTF-8") from None
         if name == "__metadata__":
             continue
-        dtype = entry.get("dtype")
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise bad(f"tensor {name} needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype!r}")
-        start, end = entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+            raise bad(f"tensor {name} has shape {shape!r}; expected a list of sizes")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+            raise bad(f"tensor {name} has data_offsets {offsets!r}; expected [begin, end]")
+        nbytes = ITEM_BYTES[dtype]
+        for dim in shape:  # as the library multiplies: an overflow on the way is an error, even before a 0
+            nbytes *= dim
+            if nbytes >= _USIZE:
+                raise bad(f"tensor {name}: shape {shape} overflows")
+        begin, end = offsets
         if end > data_size:
             raise CheckpointError(f"{path}: tensor {name} is truncated (data ends at {end}, file has {data_size})")
-        tensors[name] = TensorInfo(name, tuple(entry["shape"]), dtype, path)
+        if end - begin != nbytes:
+            raise bad(f"tensor {name}: data_offsets {offsets} hold {end - begin} bytes, shape and dtype need {nbytes}")
+        ranges.append((begin, end, name))
+        tensors[name] = TensorInfo(name, tuple(shape), dtype, path)
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            raise bad(f"tensor {name}'s data starts at {begin}, expected {position} (gap or overlap)")
+        position = end
+    if position != data_size:
+        raise bad(f"the tensors' data ends at {position} but the file holds {data_size} bytes after the header")
     return tensors
 
 
@@ -117,9 +184,15 @@ class CheckpointReader:
         single_path = self.model_dir / SINGLE_FILE
         if index_path.is_file():
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index_path}: corrupt index ({err!r})") from err
+                weight_map = json.loads(index_path.read_bytes().decode("utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to shard file names")
+            except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as err:
+                message = " ".join(str(err).split()) or type(err).__name__
+                raise CheckpointError(f"{index_path}: corrupt index ({type(err).__name__}: {message})") from None
+            outside = sorted(s for s in set(weight_map.values()) if Path(s).name != s or s in ("", ".", ".."))
+            if outside:
+                raise CheckpointError(f"{index_path}: shard {outside[0]!r} is not a file name in the model folder")
             headers: dict[str, dict[str, TensorInfo]] = {}
             tensors = {}
             for name, shard in weight_map.items():
