@@ -92,8 +92,8 @@ class Ranks:
             return list(items)
         if len(items) < self.world_size:
             raise ValueError(
-                f"{what}: {len(items)} batches for {self.world_size} ranks; every rank needs at least one "
-                "(lower --batch-tokens or run on fewer ranks)"
+                f"{what}: {len(items)} item(s) for {self.world_size} ranks, even with one sample per batch; every rank "
+                "needs at least one (add calibration text or run on fewer ranks)"
             )
         return [items[i] for i in assign_shards(sizes, self.world_size)[self.rank]]
 

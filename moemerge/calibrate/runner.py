@@ -188,6 +188,8 @@ class Calibrator:
         self.domains = []
         for domain, calibration in zip(domains, calibrations, strict=True):
             domain_batches = list(batches(calibration, options.batch_tokens, pad_id))
+            if len(domain_batches) < self.ranks.world_size:  # small data: a sample per batch, so every rank gets some
+                domain_batches = list(batches(calibration, 1, pad_id))
             sizes = [int(b.attention_mask.sum()) for b in domain_batches]
             domain_batches = self.ranks.shard(domain_batches, sizes, domain.source)
             hidden = [
