@@ -14,6 +14,9 @@ kernel allocates beside its inputs (TIES: K task vectors, their signs, masks, pr
 
     python benchmarks/merge_memory.py [--workdir /tmp/moemerge-bench] [--method ties] [--shard-size 500MB]
 
+moemerge's run also times its NaN/Inf checks (moemerge/finite.py) from inside: the share of the
+merge's wall time they take is printed under the table (`--tools moemerge` measures only that).
+
 A table, not a test: the numbers depend on the machine.
 """
 
@@ -94,6 +97,8 @@ def run_one(tool: str, recipe_path: Path, out: Path, shard_bytes: int) -> None:
 
     if tool == "moemerge":
         from moemerge.pipeline.stage1 import merge_checkpoints
+
+        checks = _time_finite_checks()
     else:
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
@@ -108,7 +113,31 @@ def run_one(tool: str, recipe_path: Path, out: Path, shard_bytes: int) -> None:
         run_merge(config, str(out), options=options)
     wall = time.perf_counter() - start
     peak = proc_status()["VmHWM"]
-    print(json.dumps({"tool": tool, "wall_s": wall, "peak_rss": peak, "rss_after_imports": after_imports}))
+    row = {"tool": tool, "wall_s": wall, "peak_rss": peak, "rss_after_imports": after_imports}
+    if tool == "moemerge":
+        row["finite_s"] = checks["seconds"]
+    print(json.dumps(row))
+
+
+def _time_finite_checks() -> dict[str, float]:
+    """Wrap the stage-1 NaN/Inf checks (moemerge/finite.py, as merge/tensors.py calls them) in a timer."""
+    from moemerge.merge import tensors
+
+    spent = {"seconds": 0.0}
+
+    def timed(check):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return check(*args, **kwargs)
+            finally:
+                spent["seconds"] += time.perf_counter() - start
+
+        return run
+
+    tensors.check_finite = timed(tensors.check_finite)
+    tensors.check_cast = timed(tensors.check_cast)
+    return spent
 
 
 def measure(cmd: list[str]) -> dict:
@@ -194,6 +223,13 @@ def main() -> None:
     print(f"  + one output shard                             = {(inputs + shard_bytes) / gb:.2f} GB")
     print(f"  + readers' mapped pages, (K+1) x (64 MiB + largest) = {(inputs + shard_bytes + mapped) / gb:.2f} GB")
     print("  + the kernel's temporaries (the rest of 'peak - imports')")
+    for row in rows:
+        if "finite_s" in row:
+            share = 100 * row["finite_s"] / row["wall_s"]
+            print(
+                f"\nNaN/Inf checks (every tensor read, every tensor written): {row['finite_s']:.2f} s of the "
+                f"{row['wall_s']:.1f} s merge = {share:.1f} %"
+            )
 
 
 if __name__ == "__main__":

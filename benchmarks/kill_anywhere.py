@@ -1,0 +1,163 @@
+"""Kill `moemerge run` at many random moments: is the output always absent or complete, and the rerun identical?
+
+The sweep behind tests/test_reliability_kill.py (which tries six moments to stay fast). On the
+tiny OLMoE specialists of the tests: one uninterrupted run is the reference and its wall time T;
+then for each of N kill moments drawn uniformly from [0, T] (seeded), a fresh folder gets a run
+killed (SIGKILL) at that moment, its output and stage-1 output are checked (absent, or equal to
+the reference's), and a rerun completes it, which must equal the reference byte for byte (the
+solve timings in moemerge_calibration.json aside). Each row says where the kill landed, read off
+the folders at that moment.
+
+    python benchmarks/kill_anywhere.py [--kills 30] [--seed 0] [--workdir /tmp/moemerge-kill]
+
+A table, not a test: where the kills land depends on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = "merged"
+
+
+def build(workdir: Path) -> Path:
+    """The tests' tiny specialists (tests/conftest.py) and a run recipe; returns the recipe."""
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_specialists
+
+    models = workdir / "models"
+    if models.exists():
+        shutil.rmtree(models)
+    setup = make_specialists("olmoe", models)
+    sources = [str(s) for s in setup["sources"]]
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(setup["base"]),
+        "models": [{"model": s, "parameters": {"weight": 1.0}} for s in sources],
+        "dtype": "float32",
+        "calibrate": {
+            "domains": {s: [str(f)] for s, f in zip(sources, setup["data"], strict=True)},
+            "data": {"max_length": 48, "heldout": 0.3},
+            "batch_tokens": 256,
+        },
+    }
+    path = workdir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in ("seconds", "stages")}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def contents(folder: Path) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            raw = path.read_bytes()
+            summary = path.name == "moemerge_calibration.json"
+            found[str(path.relative_to(folder))] = without_timings(json.loads(raw)) if summary else raw
+    return found
+
+
+def run(cwd: Path, recipe: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "moemerge", "run", str(recipe), "-o", OUT, "--quiet"],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def phase(cwd: Path) -> str:
+    """Where a run in `cwd` stands, from its folders."""
+    if (cwd / OUT).exists():
+        return "done"
+    if any(cwd.glob(f".{OUT}.run-*/{OUT}")):
+        return "diagnose"
+    layers = len(list((cwd / f"{OUT}.work").glob("layer_*.safetensors")))
+    if (cwd / f"{OUT}.stage1").exists():
+        return f"walk ({layers} layers done)"
+    if any(cwd.glob(f".{OUT}.stage1.partial-*")):
+        return "stage 1"
+    return "start-up"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-kill"))
+    args = parser.parse_args()
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    recipe = build(args.workdir)
+    reference = args.workdir / "reference"
+    shutil.rmtree(reference, ignore_errors=True)
+    reference.mkdir()
+    began = time.monotonic()
+    if run(reference, recipe).wait() != 0:
+        raise SystemExit("the reference run failed")
+    seconds = time.monotonic() - began
+    expected = {name: contents(reference / name) for name in (OUT, f"{OUT}.stage1")}
+
+    rng = random.Random(args.seed)
+    rows = []
+    for k in range(args.kills):
+        cwd = args.workdir / f"kill-{k:03d}"
+        shutil.rmtree(cwd, ignore_errors=True)
+        cwd.mkdir()
+        at = rng.uniform(0, seconds)
+        process = run(cwd, recipe)
+        deadline = time.monotonic() + at
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.001)
+        landed = phase(cwd) if process.poll() is None else "finished first"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        states = []
+        for name, want in expected.items():
+            states.append(
+                "absent" if not (cwd / name).exists() else "complete" if contents(cwd / name) == want else "BROKEN"
+            )
+        if (cwd / OUT).exists():
+            rerun = "not needed"
+        else:
+            status = run(cwd, recipe).wait()
+            same = status == 0 and all(contents(cwd / n) == want for n, want in expected.items())
+            rerun = "identical" if same else f"DIFFERS (status {status})"
+        rows.append((at, landed, *states, rerun))
+        print(
+            f"{k + 1}/{args.kills}: kill at {at:.2f} s in {landed}: {OUT} {states[0]}, stage 1 {states[1]}, "
+            f"rerun {rerun}",
+            file=sys.stderr,
+        )
+        shutil.rmtree(cwd)
+
+    print(f"\nuninterrupted run: {seconds:.1f} s; {args.kills} kills at uniform random moments (seed {args.seed})\n")
+    print(f"kill at s | landed in | {OUT} after the kill | {OUT}.stage1 after the kill | rerun")
+    print("--- | --- | --- | --- | ---")
+    for at, landed, out, stage1, rerun in sorted(rows):
+        print(f"{at:.2f} | {landed} | {out} | {stage1} | {rerun}")
+    bad = [row for row in rows if "BROKEN" in row or row[-1].startswith("DIFFERS")]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} kills: output absent or complete, rerun identical")
+
+
+if __name__ == "__main__":
+    main()
