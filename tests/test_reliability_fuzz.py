@@ -6,14 +6,21 @@ all ValueErrors with one line naming the file); never another exception, never l
 deadline (a hang), and never a Python allocation above a small multiple of the file's size
 (tracemalloc: a parser that trusts a length field would allocate what the field says).
 
-    parser                          correct parse means                           examples in CI
+    parser                           correct parse means                       examples in CI
     safetensors header (read_header) safetensors.safe_open opens the file to the
-                                     same tensors, shapes and dtypes               3 x 300
-    index (CheckpointReader)         every tensor of the index, from its shard     200
-    recipe (load_recipe)             a validated Recipe                            2 x 200
-    calibration data (read_source)   one sample per row/line/paragraph, text kept  5 formats x 100
+                                     same tensors, shapes and dtypes           300 arbitrary bytes,
+                                                                               300 truncated/mutated,
+                                                                               300 generated headers,
+                                                                               11 by hand
+    index (CheckpointReader)         tensors of the index, from inside the
+                                     model folder                              200
+    recipe (load_recipe)             a validated Recipe                        200 arbitrary, 200 mutated,
+                                                                               1 alias bomb
+    calibration data (read_source)   samples of text or messages               100 arbitrary, 100 mutated
+                                                                               (.jsonl .json .txt .csv),
+                                                                               100 Parquet
 
-About 3,000 examples in all, 20-40 s on a laptop core (the Parquet ones dominate).
+1,812 examples in all, derandomized (the same every run): about 30 s on one busy core.
 """
 
 from __future__ import annotations
