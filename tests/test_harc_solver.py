@@ -9,7 +9,7 @@ from references import blend, dense_curvature
 from moemerge.calibrate.cg import conjugate_gradient
 from moemerge.calibrate.operator import DomainCurvature, HarcSystem
 from moemerge.calibrate.preconditioners import (
-    AUTO_GROUPED_MAX_DIM,
+    AUTO_GROUPED_MAX_SIZE,
     _shift_space_inverse,
     build_preconditioner,
     choose_preconditioner,
@@ -272,18 +272,24 @@ def test_shift_space_correction_inverts_the_operator_on_row_shifts():
     torch.testing.assert_close(correction(A_shift), shift)
 
 
-def test_auto_is_grouped_for_small_routers_and_kronecker_for_wide_ones():
+def test_auto_is_grouped_for_narrow_softmax_routers_and_kronecker_otherwise():
     X, W, merged, b, merged_b = _problem(23, bias=True)
-    sol = solve_router(X, W, merged, source_biases=b, merged_bias=merged_b, options=RouterSolveOptions(**EXACT))
-    assert sol.stats.requested_preconditioner == "auto" and sol.stats.preconditioner == "grouped"
-    assert sol.stats.converged
-    assert choose_preconditioner("auto", 64, AUTO_GROUPED_MAX_DIM, torch.float32, None) == "grouped"
-    assert choose_preconditioner("auto", 64, AUTO_GROUPED_MAX_DIM + 1, torch.float32, None) == "kronecker"
-    # auto's memory is that of what it stands for, and it falls back like it
+    for kind, expected in (("softmax", "grouped"), ("topk_softmax", "grouped"), ("sigmoid", "kronecker")):
+        options = RouterSolveOptions(**EXACT)
+        sol = solve_router(X, W, merged, kind=kind, source_biases=b, merged_bias=merged_b, options=options)
+        assert sol.stats.requested_preconditioner == "auto" and sol.stats.preconditioner == expected
+        assert sol.stats.converged
+    narrow = AUTO_GROUPED_MAX_SIZE // 64
+    assert choose_preconditioner("auto", 64, narrow, torch.float32, None, "softmax") == "grouped"
+    assert choose_preconditioner("auto", 64, narrow + 1, torch.float32, None, "softmax") == "kronecker"
+    assert choose_preconditioner("auto", 64, narrow, torch.float32, None, "sigmoid") == "kronecker"
+    # without a kind (the memory planner) auto plans the one that needs more memory
+    assert choose_preconditioner("auto", 64, narrow, torch.float32, None) == "grouped"
     assert required_bytes("auto", 64, 2049, torch.float32) == required_bytes("kronecker", 64, 2049, torch.float32)
-    budget = required_bytes("kronecker", 64, 257, torch.float32)
-    assert budget < required_bytes("grouped", 64, 257, torch.float32)
-    assert choose_preconditioner("auto", 64, 257, torch.float32, budget) == "kronecker"
+    assert required_bytes("auto", 8, 65, torch.float32) == required_bytes("grouped", 8, 65, torch.float32)
+    budget = required_bytes("kronecker", 8, 65, torch.float32)
+    assert budget < required_bytes("grouped", 8, 65, torch.float32)
+    assert choose_preconditioner("auto", 8, 65, torch.float32, budget) == "kronecker"
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])

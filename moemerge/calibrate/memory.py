@@ -623,7 +623,7 @@ def plan_memory(
     preconditioners: list[PreconditionerName] = (
         list(_FALLBACK[_FALLBACK.index(requested) :]) if options.routers else [requested]
     )
-    if requested == resolve_auto(options.harc.preconditioner, shape.hidden + 1):
+    if requested == resolve_auto(options.harc.preconditioner, shape.experts, shape.hidden + 1):
         preconditioners[0] = options.harc.preconditioner  # "auto" stays "auto" while what it stands for fits
     placements = ["device", "host"] if on_gpu else ["host"]
     groups = _expert_groups(shape, options)  # (experts per group, sums_budget_bytes)

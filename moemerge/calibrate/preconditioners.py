@@ -2,8 +2,8 @@
 
 Five choices, from cheapest to strongest (costs in units of one operator application over all
 calibration tokens, for E experts and input size d; iteration counts from benchmarks/harc_cg.py),
-and ``auto``, the default: ``grouped`` up to d = :data:`AUTO_GROUPED_MAX_DIM`, ``kronecker`` above
-(measured side by side in docs/CALIBRATION.md, "Solver"):
+and ``auto``, the default: ``grouped`` for narrow softmax routers (:data:`AUTO_GROUPED_MAX_SIZE`),
+``kronecker`` otherwise (measured side by side in docs/CALIBRATION.md, "Solver"):
 
 - ``none``: M = I.
 - ``diagonal`` (Jacobi, the authors' option): M = diag of the gamma-blended operator, exact, summed
@@ -26,9 +26,10 @@ and ``auto``, the default: ``grouped`` up to d = :data:`AUTO_GROUPED_MAX_DIM`, `
   (:meth:`DomainCurvature.grouped_blocks`), scaled symmetrically to the exact diagonal and blended
   at gamma like ``block``; Cholesky per expert and the shift-space correction below. Unlike
   ``kronecker``'s one pooled factor, every expert's block sees which domains and which tokens it
-  serves. About one Gram to build (as ``kronecker``) plus E d^3 / 3 for the factors, which is what
-  limits it to small d; E*d^2 numbers. On the shipped OLMoE specialists (E 8, d 64) CG needs 8-9
-  iterations against kronecker's 12-14 and block's 6-7.
+  serves. About one Gram to build (as ``kronecker``) plus E d^3 / 3 for the factors and E d^2
+  numbers read per application, which is what limits it to narrow routers; E*d^2 numbers. On
+  the shipped OLMoE specialists (E 8, d 64) CG needs 8-9 iterations against kronecker's 12-14 and
+  block's 6-7.
 - ``block``: M0 = the exact per-expert d x d diagonal blocks of the blended operator
   (gamma < 1: gamma B_e + (1 - gamma) diag(B_e); gamma > 1: B_e + (gamma - 1) diag(B_e)),
   Cholesky-factorised once (with a small relative jitter where a block is not numerically
@@ -80,12 +81,17 @@ PRECONDITIONERS: tuple[str, ...] = get_args(PreconditionerName)
 FALLBACK_ORDER: tuple[PreconditionerName, ...] = ("block", "grouped", "kronecker", "diagonal", "none")
 """Strongest first; a preconditioner over the memory budget falls back to the next one that fits."""
 
-AUTO_GROUPED_MAX_DIM = 512
-"""``auto`` uses ``grouped`` up to this router input size (d, or d + 1 with a bias), ``kronecker`` above.
+AUTO_GROUPED_MAX_SIZE = 4096
+"""``auto`` uses ``grouped`` for softmax routers of at most this many parameters E x dim, else ``kronecker``.
 
-``grouped`` factorises E blocks of dim x dim (E dim^3 / 3 flops) and combines E group Grams per
-domain into them (2 K E^2 dim^2), against one operator pass of 4 N E dim: at dim 512 and 12 K
-tokens that is a few passes, repaid by fewer iterations; at dim 2048 it is over 100 passes.
+``grouped`` reads its E dim x dim factors at every iteration and combines E group Grams per
+domain into them when built; both grow like E dim^2 against an operator pass's N dim, so it pays
+only for narrow routers. Measured (docs/CALIBRATION.md, "Solver"): the shipped specialists
+(E 8, d 64) 8-9 iterations against kronecker's 12-14 and a quarter less time; E 16, d 256 about
+even; E 64, d 512 twice kronecker's time (19 against 29 iterations, but set-up and the per-iteration
+solves cost more than the 10 iterations saved). For sigmoid routers it needed about as many
+iterations as kronecker (specialists 5-8 against 6-9; E 16, d 256: 8 against 8) for a dearer build,
+so ``auto`` is ``kronecker`` there.
 """
 
 DIAGONAL_FLOOR = 1e-10
@@ -104,18 +110,23 @@ class Preconditioner:
         return self.apply_inverse(R)
 
 
-def resolve_auto(name: PreconditionerName, dim: int) -> PreconditionerName:
-    """What ``auto`` stands for at this router input size (:data:`AUTO_GROUPED_MAX_DIM`); other names unchanged."""
+def resolve_auto(name: PreconditionerName, num_experts: int, dim: int, kind: str | None = None) -> PreconditionerName:
+    """What ``auto`` stands for (:data:`AUTO_GROUPED_MAX_SIZE`); other names unchanged.
+
+    Without ``kind`` (the memory planner) the answer is the one that needs more memory.
+    """
     if name != "auto":
         return name
-    return "grouped" if dim <= AUTO_GROUPED_MAX_DIM else "kronecker"
+    if num_experts * dim <= AUTO_GROUPED_MAX_SIZE and kind != "sigmoid":
+        return "grouped"
+    return "kronecker"
 
 
 def required_bytes(name: PreconditionerName, num_experts: int, dim: int, dtype: torch.dtype) -> int:
     """Peak bytes a preconditioner's state needs beyond the operator itself (float64 sums + factors)."""
     item = torch.empty((), dtype=dtype).element_size()
     per_number = 8 + item
-    name = resolve_auto(name, dim)
+    name = resolve_auto(name, num_experts, dim)
     if name == "none":
         return 0
     if name == "diagonal":
@@ -135,14 +146,15 @@ def choose_preconditioner(
     dim: int,
     dtype: torch.dtype,
     memory_budget_bytes: int | None,
+    kind: str | None = None,
 ) -> PreconditionerName:
     """The requested preconditioner if it fits the budget, else the best weaker one that does.
 
-    ``auto`` is first resolved by size (:func:`resolve_auto`); the answer is never ``auto``.
+    ``auto`` is first resolved by size and router kind (:func:`resolve_auto`); the answer is never ``auto``.
     """
     if requested not in PRECONDITIONERS:
         raise ValueError(f"unknown preconditioner {requested!r}; expected one of {PRECONDITIONERS}")
-    requested = resolve_auto(requested, dim)
+    requested = resolve_auto(requested, num_experts, dim, kind)
     if memory_budget_bytes is None:
         return requested
     for name in FALLBACK_ORDER[FALLBACK_ORDER.index(requested) :]:
@@ -170,7 +182,7 @@ def build_preconditioner(
     memory_budget_bytes: int | None = None,
 ) -> Preconditioner:
     """Build M^{-1} for ``system``; ``dtype`` is the dtype of the CG vectors it will receive."""
-    used = choose_preconditioner(name, system.num_experts, system.dim, dtype, memory_budget_bytes)
+    used = choose_preconditioner(name, system.num_experts, system.dim, dtype, memory_budget_bytes, system.kind)
     if used == "none":
         return Preconditioner("none", lambda R: R)
     if used == "diagonal":
