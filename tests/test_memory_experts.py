@@ -180,10 +180,10 @@ def test_budget_below_one_expert_stops_before_any_work(setup: dict, tmp_path: Pa
     """HARC alone would fit; RegMean does not even one expert at a time, in bfloat16, without a preconditioner."""
     options = CalibrationOptions(experts=True, **SMALL | {"batch_tokens": 64})
     shape, lengths = _shape_and_lengths(setup, options)
-    harc = plan_memory(shape, lengths, options.model_copy(update={"experts": False}), MemoryBudget())
     one = options.regmean.model_copy(update={"sums_budget_bytes": expert_sums_bytes(shape)})
     harc_options = options.harc.model_copy(update={"preconditioner": "none"})
     smallest = options.model_copy(update={"regmean": one, "activation_dtype": "bfloat16", "harc": harc_options})
+    harc = plan_memory(shape, lengths, smallest.model_copy(update={"experts": False}), MemoryBudget())
     budget = plan_memory(shape, lengths, smallest, MemoryBudget()).host_bytes - 1
     assert budget >= harc.host_bytes
     with pytest.raises(ValueError, match="cannot be met.*RegMean experts in groups of 1"):

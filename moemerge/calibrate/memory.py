@@ -10,8 +10,9 @@ size, E experts, K domains, T_i the padded and N_i the real tokens of domain i o
                  its numbers outside the routed experts x f, plus the experts' on-disk bytes X
     cast         with a bank, one expert read and cast for the forward:  (a + c) (f + q)
     batch        one forward batch inside the layer:           B x (20 d + 2 heads L + 4 k m + 4 E) x f
-                 (B = batch_tokens, L the longest sample, k top-k, m the expert width; an estimate
-                 fitted to one OLMoE layer's measured forward, benchmarks/scaling.py)
+                 (B the largest batch's padded tokens, at most batch_tokens; L the longest sample, k top-k,
+                 m the expert width; an estimate fitted to one OLMoE layer's measured forward,
+                 benchmarks/scaling.py)
     hidden       every sequence's hidden state, plus one domain's new outputs:  (T + T_max) d s
     recorded     router inputs of the layer being solved, plus one domain's
                  pieces before they are joined:                 (N + N_max) d s
@@ -342,6 +343,8 @@ class RankTokens:
     padded: tuple[int, ...]
     real: tuple[int, ...]
     longest: int
+    largest_batch: int = 0
+    """Padded tokens of the largest batch (at most ``batch_tokens``): what one forward batch holds."""
 
 
 def batch_sizes(lengths: Sequence[int], batch_tokens: int) -> list[tuple[int, int]]:
@@ -351,13 +354,15 @@ def batch_sizes(lengths: Sequence[int], batch_tokens: int) -> list[tuple[int, in
 
 def rank_tokens(lengths: Sequence[Sequence[int]], batch_tokens: int, world_size: int) -> RankTokens:
     """Per domain, the most padded and real tokens any rank holds (sharded as the runner shards batches)."""
-    padded, real = [], []
+    padded, real, largest = [], [], 0
     for domain in lengths:
         sizes = batch_sizes(domain, batch_tokens)
+        largest = max([largest] + [p for p, _ in sizes])
         shards = assign_shards([r for _, r in sizes], world_size) if world_size > 1 else [list(range(len(sizes)))]
         padded.append(max(sum(sizes[i][0] for i in s) for s in shards))
         real.append(max(sum(sizes[i][1] for i in s) for s in shards))
-    return RankTokens(tuple(padded), tuple(real), max((max(d, default=0) for d in lengths), default=0))
+    longest = max((max(d, default=0) for d in lengths), default=0)
+    return RankTokens(tuple(padded), tuple(real), longest, largest)
 
 
 class MemoryPlanError(ValueError):
@@ -488,7 +493,7 @@ def _estimate(
     per_token = 20 * d + 2 * shape.heads * tokens.longest + 4 * shape.top_k * shape.expert_width + 4 * E
     work = "device" if on_gpu else "host"
     resident = shape.resident_numbers * f
-    batch = batch_tokens * per_token * f
+    batch = min(batch_tokens, tokens.largest_batch or batch_tokens) * per_token * f
     # a bank stays in host memory (its experts go to the device one at a time)
     converted, bank = shape.converted_numbers * f, shape.layer_bytes(f) - shape.converted_numbers * f
     cast = shape.expert_cast_bytes(f)
@@ -501,7 +506,11 @@ def _estimate(
         ),
         ("its experts in a bank (storage dtype)", "host", dict.fromkeys(_PHASES, bank)),
         ("one expert read and cast (forward)", work, {"forward": cast, "pass": cast}),
-        (f"forward batch of {batch_tokens} tokens (estimate)", work, {"forward": batch, "pass": batch}),
+        (
+            f"forward batch of {min(batch_tokens, tokens.largest_batch or batch_tokens)} tokens (estimate)",
+            work,
+            {"forward": batch, "pass": batch},
+        ),
         (
             f"hidden states ({T} + {t_max} tokens)",
             hidden_on,
@@ -564,7 +573,10 @@ def _regmean_terms(
     (o_a, i_a), (o_c, i_c) = shape.expert_maps
     # the source's expert, and in a sequential down pass the merged model's gate/up, cast to the work dtype
     casts = (2 * o_a * i_a + o_c * i_c) * w + (o_a * i_a + o_c * i_c) * shape.expert_number_bytes
-    fold = (batch_tokens * (4 * d + 6 * inter) + max(i * i + 2 * o * i for o, i in maps)) * w + casts
+    fold = (
+        min(batch_tokens, tokens.largest_batch or batch_tokens) * (4 * d + 6 * inter)
+        + max(i * i + 2 * o * i for o, i in maps)
+    ) * w + casts
     map_solve = max(8 * (3 * i * i + 4 * o * i) for o, i in maps)
     layer = shape.layer_bytes(f, resident_bank=False)  # a source's experts are read from disk when used (lazy bank)
     loading = layer if work == "device" else layer + shape.converting_bytes(f)  # on a GPU, converted on the host
@@ -583,7 +595,11 @@ def _regmean_terms(
             group_bytes(shape, group, regmean.variant, slice_bytes),
         ),
         ("RegMean: one map's solve", work, {"regmean": map_solve, "output": map_solve}),
-        (f"RegMean: fold of a {batch_tokens}-token batch", work, {"pass": fold}),
+        (
+            f"RegMean: fold of a {min(batch_tokens, tokens.largest_batch or batch_tokens)}-token batch",
+            work,
+            {"pass": fold},
+        ),
         (f"RegMean: expert inputs ({n_max} tokens)", work, {"pass": n_max * d * f if sequential else 0}),
         ("RegMean: sums of the other linears", work, dict.fromkeys(("load", "pass", "regmean", "output"), linear_sums)),
         ("RegMean: new experts as saved" + ("" if shape.banked else ", and converted"), "host", {"output": output}),
