@@ -72,9 +72,12 @@ def parse(path: Path, parser: Callable[[Path], object], errors: type[Exception])
         assert peak <= 1_000_000 + 100 * size, f"{peak} bytes allocated for a {size}-byte file"
 
 
+SCRATCH = tempfile.TemporaryDirectory(prefix="moemerge-fuzz-")
+"""Every example's files, in a folder of their own; removed when the test process ends."""
+
+
 def in_file(suffix: str, data: bytes) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    path = folder / f"input{suffix}"
+    path = Path(tempfile.mkdtemp(dir=SCRATCH.name)) / f"input{suffix}"
     path.write_bytes(data)
     return path
 
@@ -217,7 +220,7 @@ def test_header_tiles_the_data_exactly_by_hand(tmp_path: Path) -> None:
     )
 )
 def test_index_file(index: bytes) -> None:
-    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    folder = Path(tempfile.mkdtemp(dir=SCRATCH.name))
     (folder / "model.safetensors").write_bytes(valid_file({"a": torch.ones(2)}))
     (folder / "model.safetensors.index.json").write_bytes(index)
     reader, error = parse(folder / "model.safetensors.index.json", lambda _: CheckpointReader(folder), CheckpointError)
@@ -333,7 +336,7 @@ def parquet_file() -> bytes:
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    path = Path(tempfile.mkdtemp(prefix="fuzz-")) / "valid.parquet"
+    path = Path(tempfile.mkdtemp(dir=SCRATCH.name)) / "valid.parquet"
     pq.write_table(pa.table({"text": ["first sample", "second sample"]}), path)
     return path.read_bytes()
 
