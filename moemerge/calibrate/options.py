@@ -18,11 +18,12 @@ PreconditionerName = Literal["auto", "none", "diagonal", "kronecker", "grouped",
 class RouterSolveOptions(BaseModel):
     """How HARC re-fits one router (the ``harc`` section of a recipe).
 
-    The default preconditioner ``auto`` is ``grouped`` up to router input size 512 and ``kronecker``
-    above (docs/CALIBRATION.md, "Solver", for the measured times; ``benchmarks/harc_cg.py`` and
-    ``benchmarks/harc_trained.py``). Both cost about one input Gram (d / (2E) operator passes) to
-    build; ``grouped`` gives every expert its own block, which needs fewer iterations where E small
-    d x d factorisations are cheap. ``block`` (exact blocks) costs about d / 2 passes to build, more
+    The default preconditioner ``auto`` is ``grouped`` for narrow routers (E x d <= 4096) and
+    ``kronecker`` otherwise, which is every real model's router width (docs/CALIBRATION.md,
+    "Solver", for the measured times; ``benchmarks/harc_cg.py`` and ``benchmarks/harc_trained.py``).
+    Both cost about one input Gram (d / (2E) operator passes) to build; ``grouped`` gives every
+    expert its own block, which needs fewer iterations and pays where E small d x d blocks are cheap
+    to factorise and to apply. ``block`` (exact blocks) costs about d / 2 passes to build, more
     than CG without it at OLMoE sizes. At gamma = 1 only ``block`` converged on the synthetic
     benchmark (10 iterations; the others stalled near 6e-4 after 1000), so use it there.
     """
@@ -47,7 +48,7 @@ class RouterSolveOptions(BaseModel):
     max_iter: int = Field(1000, ge=0, description="Most CG iterations (one pass over all calibration tokens each).")
     preconditioner: PreconditionerName = Field(
         "auto",
-        description="CG preconditioner: auto (grouped up to router input size 512, kronecker above); none; "
+        description="CG preconditioner: auto (grouped for routers with E*d <= 4096, else kronecker); none; "
         "diagonal (Jacobi on the exact diagonal, the authors' option); kronecker (per-expert curvature x input "
         "Gram, plus an exact correction for the softmax row-shift directions); grouped (a d x d block per expert "
         "from the Grams of token groups, plus the same correction; E*d^2 numbers, about one Gram to build); "

@@ -2,7 +2,7 @@
 
 Five choices, from cheapest to strongest (costs in units of one operator application over all
 calibration tokens, for E experts and input size d; iteration counts from benchmarks/harc_cg.py),
-and ``auto``, the default: ``grouped`` for narrow softmax routers (:data:`AUTO_GROUPED_MAX_SIZE`),
+and ``auto``, the default: ``grouped`` for narrow routers (:data:`AUTO_GROUPED_MAX_SIZE`),
 ``kronecker`` otherwise (measured side by side in docs/CALIBRATION.md, "Solver"):
 
 - ``none``: M = I.
@@ -82,16 +82,15 @@ FALLBACK_ORDER: tuple[PreconditionerName, ...] = ("block", "grouped", "kronecker
 """Strongest first; a preconditioner over the memory budget falls back to the next one that fits."""
 
 AUTO_GROUPED_MAX_SIZE = 4096
-"""``auto`` uses ``grouped`` for softmax routers of at most this many parameters E x dim, else ``kronecker``.
+"""``auto`` uses ``grouped`` for routers of at most this many parameters E x dim, else ``kronecker``.
 
 ``grouped`` reads its E dim x dim factors at every iteration and combines E group Grams per
 domain into them when built; both grow like E dim^2 against an operator pass's N dim, so it pays
-only for narrow routers. Measured (docs/CALIBRATION.md, "Solver"): the shipped specialists
-(E 8, d 64) 8-9 iterations against kronecker's 12-14 and a quarter less time; E 16, d 256 about
-even; E 64, d 512 twice kronecker's time (19 against 29 iterations, but set-up and the per-iteration
-solves cost more than the 10 iterations saved). For sigmoid routers it needed about as many
-iterations as kronecker (specialists 5-8 against 6-9; E 16, d 256: 8 against 8) for a dearer build,
-so ``auto`` is ``kronecker`` there.
+only for narrow routers. Measured (docs/CALIBRATION.md, "Solver"): on the shipped specialists
+(E 8, d 64) it took 0.23-0.35 of Jacobi's time where kronecker took 0.35-0.49 (softmax, gamma 0.9)
+and 0.27-0.46 against 0.33-0.41 (sigmoid); synthetic E 16, d 256 about even (softmax) or worse
+(sigmoid, 8 iterations either way); synthetic E 64, d 512 twice kronecker's time (19 against 29
+iterations, but set-up and per-iteration solves cost more than the 10 iterations saved).
 """
 
 DIAGONAL_FLOOR = 1e-10
@@ -110,16 +109,11 @@ class Preconditioner:
         return self.apply_inverse(R)
 
 
-def resolve_auto(name: PreconditionerName, num_experts: int, dim: int, kind: str | None = None) -> PreconditionerName:
-    """What ``auto`` stands for (:data:`AUTO_GROUPED_MAX_SIZE`); other names unchanged.
-
-    Without ``kind`` (the memory planner) the answer is the one that needs more memory.
-    """
+def resolve_auto(name: PreconditionerName, num_experts: int, dim: int) -> PreconditionerName:
+    """What ``auto`` stands for at this router size (:data:`AUTO_GROUPED_MAX_SIZE`); other names unchanged."""
     if name != "auto":
         return name
-    if num_experts * dim <= AUTO_GROUPED_MAX_SIZE and kind != "sigmoid":
-        return "grouped"
-    return "kronecker"
+    return "grouped" if num_experts * dim <= AUTO_GROUPED_MAX_SIZE else "kronecker"
 
 
 def required_bytes(name: PreconditionerName, num_experts: int, dim: int, dtype: torch.dtype) -> int:
@@ -146,15 +140,14 @@ def choose_preconditioner(
     dim: int,
     dtype: torch.dtype,
     memory_budget_bytes: int | None,
-    kind: str | None = None,
 ) -> PreconditionerName:
     """The requested preconditioner if it fits the budget, else the best weaker one that does.
 
-    ``auto`` is first resolved by size and router kind (:func:`resolve_auto`); the answer is never ``auto``.
+    ``auto`` is first resolved by size (:func:`resolve_auto`); the answer is never ``auto``.
     """
     if requested not in PRECONDITIONERS:
         raise ValueError(f"unknown preconditioner {requested!r}; expected one of {PRECONDITIONERS}")
-    requested = resolve_auto(requested, num_experts, dim, kind)
+    requested = resolve_auto(requested, num_experts, dim)
     if memory_budget_bytes is None:
         return requested
     for name in FALLBACK_ORDER[FALLBACK_ORDER.index(requested) :]:
@@ -182,7 +175,7 @@ def build_preconditioner(
     memory_budget_bytes: int | None = None,
 ) -> Preconditioner:
     """Build M^{-1} for ``system``; ``dtype`` is the dtype of the CG vectors it will receive."""
-    used = choose_preconditioner(name, system.num_experts, system.dim, dtype, memory_budget_bytes, system.kind)
+    used = choose_preconditioner(name, system.num_experts, system.dim, dtype, memory_budget_bytes)
     if used == "none":
         return Preconditioner("none", lambda R: R)
     if used == "diagonal":
