@@ -494,7 +494,7 @@ def _estimate(
     work = "device" if on_gpu else "host"
     resident = shape.resident_numbers * f
     batch = min(batch_tokens, tokens.largest_batch or batch_tokens) * per_token * f
-    # a bank stays in host memory (its experts go to the device one at a time)
+    # a resident bank lives where the work runs (on a GPU: filled on the host piece by piece, then moved)
     converted, bank = shape.converted_numbers * f, shape.layer_bytes(f) - shape.converted_numbers * f
     cast = shape.expert_cast_bytes(f)
     terms: list[_Term] = [
@@ -504,7 +504,7 @@ def _estimate(
             work,
             dict.fromkeys(_PHASES, converted),
         ),
-        ("its experts in a bank (storage dtype)", "host", dict.fromkeys(_PHASES, bank)),
+        ("its experts in a bank (storage dtype)", work, dict.fromkeys(_PHASES, bank)),
         ("one expert read and cast (forward)", work, {"forward": cast, "pass": cast}),
         (
             f"forward batch of {min(batch_tokens, tokens.largest_batch or batch_tokens)} tokens (estimate)",
@@ -534,7 +534,7 @@ def _estimate(
             (
                 "one decoder layer, staged on the host",
                 "host",
-                {"materialise": reading + converted, "forward": converted, "load": reading + converted},
+                {"materialise": reading + converted + bank, "forward": converted, "load": reading + converted},
             )
         )
     else:
