@@ -79,6 +79,7 @@ class ExpertBank:
         shapes: dict[str, tuple[int, int, int]],
         dtype: torch.dtype,
         resident: bool,
+        device: torch.device | str = "cpu",
     ):
         self.reader = reader
         self.pieces = pieces
@@ -87,7 +88,7 @@ class ExpertBank:
         self.tensors: dict[str, Tensor] = {}
         if resident:
             for name, shape in shapes.items():
-                fused = torch.empty(shape, dtype=dtype)
+                fused = torch.empty(shape, dtype=dtype, device=device)  # on a GPU, filled there piece by piece
                 for e, own in enumerate(pieces[name]):
                     for piece in own:
                         fused[e, piece.start : piece.stop] = reader.read(piece.name)

@@ -494,7 +494,7 @@ def _estimate(
     work = "device" if on_gpu else "host"
     resident = shape.resident_numbers * f
     batch = min(batch_tokens, tokens.largest_batch or batch_tokens) * per_token * f
-    # a resident bank lives where the work runs (on a GPU: filled on the host piece by piece, then moved)
+    # a resident bank lives where the work runs (on a GPU it is filled there, one on-disk piece at a time)
     converted, bank = shape.converted_numbers * f, shape.layer_bytes(f) - shape.converted_numbers * f
     cast = shape.expert_cast_bytes(f)
     terms: list[_Term] = [
@@ -534,7 +534,7 @@ def _estimate(
             (
                 "one decoder layer, staged on the host",
                 "host",
-                {"materialise": reading + converted + bank, "forward": converted, "load": reading + converted},
+                {"materialise": reading + converted, "forward": converted, "load": reading + converted},
             )
         )
     else:
@@ -581,7 +581,8 @@ def _regmean_terms(
     layer = shape.layer_bytes(f, resident_bank=False)  # a source's experts are read from disk when used (lazy bank)
     loading = layer if work == "device" else layer + shape.converting_bytes(f)  # on a GPU, converted on the host
     slice_bytes = shape.expert_number_bytes if shape.banked else f
-    output = disk if shape.banked else 2 * disk  # a bank's tensors are saved as they are: one serialised copy
+    # a bank's tensors are saved as they are (one serialised copy); from a GPU they are copied to the host first
+    output = disk if shape.banked and work == "host" else 2 * disk
     return [
         (
             f"sources' hidden ({T} + {t_max} tokens)",

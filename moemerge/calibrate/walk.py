@@ -238,10 +238,8 @@ class LayerWalker:
             first = found[MATRICES[0]][0][0].name
             dtype = getattr(torch, SAFETENSORS_DTYPES[self.reader.info(first).dtype])
             shapes = {m: tuple(module._parameters[m].shape) for m in MATRICES}
-            bank = ExpertBank(self.reader, found, shapes, dtype, resident=self.experts == "resident")
-            if self.device.type != "cpu":  # a resident bank on the GPU: one expert cast at a time there
-                bank.tensors = {name: tensor.to(self.device) for name, tensor in bank.tensors.items()}
-            install_bank(module, bank)
+            resident = self.experts == "resident"
+            install_bank(module, ExpertBank(self.reader, found, shapes, dtype, resident, device=self.device))
         layer = self.layers[index]
         banked = {
             f"{path}.{m}"[len(self.layout.layers_module) + len(str(index)) + 2 :] for path in banks for m in MATRICES
