@@ -14,8 +14,11 @@ kernel allocates beside its inputs (TIES: K task vectors, their signs, masks, pr
 
     python benchmarks/merge_memory.py [--workdir /tmp/moemerge-bench] [--method ties] [--shard-size 500MB]
 
-moemerge's run also times its NaN/Inf checks (moemerge/finite.py) from inside: the share of the
-merge's wall time they take is printed under the table (`--tools moemerge` measures only that).
+moemerge's run also times its NaN/Inf checks (moemerge/finite.py) from inside and prints their
+share of the merge's wall time under the table; that share includes reading the pages the check
+touches first, which the merge would read anyway. The cost itself is measured side by side:
+`--tools moemerge,moemerge-unchecked --repeat 3` (the same merge with the checks replaced by
+nothing, runs alternating) prints the median wall times and their ratio.
 
 A table, not a test: the numbers depend on the machine.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -72,7 +76,12 @@ def build_models(workdir: Path) -> None:
 def recipe_text(paths: dict[str, Path], method: str) -> str:
     import yaml
 
-    models = [{"model": str(paths[f"s{i}"]), "parameters": {"weight": 1.0 / K, "density": 0.5}} for i in range(K)]
+    from moemerge.merge.registry import get_method
+
+    fields = get_method(method).source_params_model.model_fields
+    parameters = {"weight": 1.0 / K, "density": 0.5}
+    parameters = {k: v for k, v in parameters.items() if k in fields}  # linear has no density
+    models = [{"model": str(paths[f"s{i}"]), "parameters": parameters} for i in range(K)]
     recipe = {"merge_method": method, "base_model": str(paths["base"]), "models": models, "dtype": "float32"}
     return yaml.safe_dump(recipe, sort_keys=False)
 
@@ -95,17 +104,17 @@ def run_one(tool: str, recipe_path: Path, out: Path, shard_bytes: int) -> None:
     import transformers  # noqa: F401
     import yaml
 
-    if tool == "moemerge":
+    if tool.startswith("moemerge"):
         from moemerge.pipeline.stage1 import merge_checkpoints
 
-        checks = _time_finite_checks()
+        checks = _time_finite_checks(enabled=tool != "moemerge-unchecked")
     else:
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
     shutil.rmtree(out, ignore_errors=True)
     after_imports = proc_status()["VmRSS"]
     start = time.perf_counter()
-    if tool == "moemerge":
+    if tool.startswith("moemerge"):
         merge_checkpoints(recipe_path, out, max_shard_bytes=shard_bytes, progress=False)
     else:
         config = MergeConfiguration.model_validate(yaml.safe_load(recipe_path.read_text()))
@@ -116,17 +125,21 @@ def run_one(tool: str, recipe_path: Path, out: Path, shard_bytes: int) -> None:
     row = {"tool": tool, "wall_s": wall, "peak_rss": peak, "rss_after_imports": after_imports}
     if tool == "moemerge":
         row["finite_s"] = checks["seconds"]
+    shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(row))
 
 
-def _time_finite_checks() -> dict[str, float]:
-    """Wrap the stage-1 NaN/Inf checks (moemerge/finite.py, as merge/tensors.py calls them) in a timer."""
+def _time_finite_checks(enabled: bool) -> dict[str, float]:
+    """Wrap the stage-1 NaN/Inf checks (moemerge/finite.py, as merge/tensors.py calls them) in a timer, or
+    replace them by nothing (`moemerge-unchecked`: the same merge without them, for the side-by-side cost)."""
     from moemerge.merge import tensors
 
     spent = {"seconds": 0.0}
 
     def timed(check):
         def run(*args, **kwargs):
+            if not enabled:
+                return None
             start = time.perf_counter()
             try:
                 return check(*args, **kwargs)
@@ -167,7 +180,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-bench"))
     parser.add_argument("--method", default="ties")
     parser.add_argument("--shard-size", default="500MB", help="output shard size for both tools")
-    parser.add_argument("--tools", default="moemerge,mergekit")
+    parser.add_argument("--tools", default="moemerge,mergekit", help="also moemerge-unchecked: no NaN/Inf checks")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -200,10 +214,11 @@ def main() -> None:
     work_bytes = info.nbytes * 4 // {"F32": 4, "BF16": 2, "F16": 2}.get(info.dtype, 4)  # float32 work dtype
 
     rows = []
-    for tool in args.tools.split(","):
-        cmd = [sys.executable, __file__, "--workdir", str(args.workdir), "--method", args.method]
-        cmd += ["--shard-size", args.shard_size, "--run-one", tool, "--out", str(args.workdir / f"out-{tool}")]
-        rows.append(measure(cmd))
+    for _ in range(args.repeat):  # alternating, so that a busy spell of the machine hits every tool alike
+        for tool in args.tools.split(","):
+            cmd = [sys.executable, __file__, "--workdir", str(args.workdir), "--method", args.method]
+            cmd += ["--shard-size", args.shard_size, "--run-one", tool, "--out", str(args.workdir / f"out-{tool}")]
+            rows.append(measure(cmd))
 
     gb = 1e9
     print(f"\nmodel: Mixtral-shaped {json.dumps(SIZES)}")
@@ -223,6 +238,13 @@ def main() -> None:
     print(f"  + one output shard                             = {(inputs + shard_bytes) / gb:.2f} GB")
     print(f"  + readers' mapped pages, (K+1) x (64 MiB + largest) = {(inputs + shard_bytes + mapped) / gb:.2f} GB")
     print("  + the kernel's temporaries (the rest of 'peak - imports')")
+    walls = {tool: [r["wall_s"] for r in rows if r["tool"] == tool] for tool in ("moemerge", "moemerge-unchecked")}
+    if all(walls.values()):
+        checked, unchecked = (statistics.median(w) for w in walls.values())
+        print(
+            f"\nside by side, median of {args.repeat}: {checked:.1f} s with the NaN/Inf checks, {unchecked:.1f} s "
+            f"without: +{100 * (checked / unchecked - 1):.1f} %"
+        )
     for row in rows:
         if "finite_s" in row:
             share = 100 * row["finite_s"] / row["wall_s"]

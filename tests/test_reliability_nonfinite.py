@@ -238,3 +238,28 @@ def test_messages_count_what_is_wrong_and_name_overflow() -> None:
     with pytest.raises(NonFiniteError, match="overflows float16: its largest magnitude 70000 exceeds 65504"):
         check_cast(value, value.half(), "merged tensor t")
     check_cast(value, value.bfloat16(), "bfloat16 holds it")
+
+
+def test_methods_that_spread_non_finite_values_really_do() -> None:
+    """For a method flagged `spreads_non_finite` the driver checks the output alone: any NaN or Inf in any input
+    it takes, with any weights (zero and negative included), must reach the output."""
+    from moemerge.merge.registry import TensorContext, get_method, method_names
+
+    flagged = [get_method(name) for name in method_names() if get_method(name).spreads_non_finite]
+    assert {m.name for m in flagged} >= {"linear", "task_arithmetic"}
+    generator = torch.Generator().manual_seed(3)
+    for method in flagged:
+        for trial in range(40):
+            inputs = [torch.randn(5, 7, generator=generator) for _ in range(4)]  # base + 3 sources
+            bad = int(torch.randint(0 if method.needs_base else 1, 4, (1,), generator=generator))
+            position = int(torch.randint(0, 35, (1,), generator=generator))
+            inputs[bad].view(-1)[position] = [float("nan"), float("inf"), -float("inf")][trial % 3]
+            weights = [
+                float(w) for w in torch.tensor([0.0, -0.5, 1.0, 2.0])[torch.randint(0, 4, (3,), generator=generator)]
+            ]
+            if sum(weights) == 0:
+                weights[0] = 1.0
+            params, per_source = method.parse_params({}, [{"weight": w} for w in weights])
+            base = inputs[0] if method.needs_base else None
+            out = method(base, inputs[1:], per_source, params, TensorContext("t"))
+            assert not is_finite(out), (method.name, trial, bad, weights)

@@ -48,6 +48,10 @@ class MergeMethod:
 
     `params_model` holds method-wide parameters, `source_params_model` the per-source ones.
     Calling the method checks the inputs (base presence, shapes, work dtype) and the result.
+    `spreads_non_finite`: every input the kernel takes reaches every output value through
+    arithmetic alone (a weighted sum: NaN * 0 is NaN), so a NaN or Inf in any of them makes the
+    output non-finite; the driver then checks the output only, and the inputs only to name the
+    culprit (merge/tensors.py). Methods that mask, select or sort values must leave it False.
     """
 
     name: str
@@ -56,6 +60,7 @@ class MergeMethod:
     source_params_model: type[Params]
     needs_base: bool
     doc: str
+    spreads_non_finite: bool = False
 
     def parse_params(
         self, params: Mapping[str, Any] | None = None, sources: Sequence[Mapping[str, Any]] = ()

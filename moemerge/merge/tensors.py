@@ -5,7 +5,10 @@ writer's current shard). `merge_tensors` takes any list of names, so the distrib
 (`merge/distributed.py`) gives each rank its own subset and writer.
 
 Every tensor read and every tensor returned is checked for NaN and Inf (moemerge/finite.py),
-overflow of the output dtype included: the error names the model folder and the tensor.
+overflow of the output dtype included: the error names the model folder and the tensor. For a
+weighted sum (`MergeMethod.spreads_non_finite`) the output's check covers the inputs the kernel
+takes, which are read again one by one only when it fails, to name the culprit; this keeps the
+checks of the cheapest, I/O-bound merges under 5 % of their time (benchmarks/merge_memory.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from moemerge.finite import check_cast, check_finite
+from moemerge.finite import check_cast, check_finite, is_finite
 from moemerge.merge.plan import MergePlan, is_float_code
 
 if TYPE_CHECKING:
@@ -47,21 +50,30 @@ def merge_tensor(plan: MergePlan, name: str, device: str = "cpu") -> torch.Tenso
     if not is_float_code(reference.info(name).dtype):
         return reference.read(name)  # integer buffers (e.g. position ids) are not weights: keep the reference's
     work = _torch_dtype(plan.recipe.work_dtype)
-    base = _read(plan, plan.base, name).to(device=device, dtype=work) if plan.base else None
-    sources = [_read(plan, s, name).to(device=device, dtype=work) for s in plan.sources]
+    spreads = plan.method.spreads_non_finite  # then the output check covers the inputs the kernel takes
+    base = None
+    if plan.base:
+        base = _read(plan, plan.base, name, check=not (spreads and plan.method.needs_base))
+        base = base.to(device=device, dtype=work)
+    sources = [_read(plan, s, name, check=not spreads).to(device=device, dtype=work) for s in plan.sources]
     params, source_params = plan.params[name]
     ctx = TensorContext(name, seed=plan.recipe.seed, is_linear_weight=name in plan.linear_weights)
     merged = plan.method(base, sources, source_params, params, ctx)
     del base, sources
     out = merged.to(device="cpu", dtype=out_dtype)
-    check_cast(merged, out, f"merged tensor {name} ({plan.method.name} of finite inputs)")
+    if not is_finite(out):
+        if spreads:  # name the input it came from, if any
+            for model in ([plan.base] if plan.base else []) + list(plan.sources):
+                _read(plan, model, name, check=True)
+        check_cast(merged, out, f"merged tensor {name} ({plan.method.name} of finite inputs)")
     return out
 
 
-def _read(plan: MergePlan, model: str, name: str) -> torch.Tensor:
+def _read(plan: MergePlan, model: str, name: str, check: bool = True) -> torch.Tensor:
     """One source tensor, refused if it holds NaN or Inf (a merge would spread them silently)."""
     tensor = plan.readers[model].read(name)
-    check_finite(tensor, f"{model}: tensor {name}")
+    if check:
+        check_finite(tensor, f"{model}: tensor {name}")
     return tensor
 
 

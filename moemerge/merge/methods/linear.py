@@ -44,5 +44,6 @@ METHODS = (
         source_params_model=WeightedSource,
         needs_base=False,
         doc="sum_i w_i theta_i / sum_i w_i (plain weighted sum when normalize is false).",
+        spreads_non_finite=True,
     ),
 )
