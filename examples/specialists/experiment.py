@@ -472,7 +472,9 @@ def ceiling_markdown(result: dict) -> list[str]:
         "L_{stage1 + oracle routers}, nats. `HARC / ceiling` and `experts + HARC / ceiling`: their share of the "
         f"stage-1-to-specialist gap over the mean ceiling (goal for experts + HARC: >= {GOAL_CEILING}). HARC's share "
         f"of the oracle gain is the lowest over the domains where that gain is >= {ORACLE_MIN_GAIN} nats "
-        f"(goal: >= {GOAL_ORACLE}).",
+        f"(goal: >= {GOAL_ORACLE}). The ceiling bounds router calibration only loosely and experts + HARC not at "
+        "all: the specialist's blocks are tuned to the specialist's attention and embeddings, while RegMean re-solves "
+        "the experts on the stage-1 model's own inputs, so a ratio above 1 is possible.",
         "",
         "| method | ceiling | converse | oracle gain (nats) | HARC: share of oracle gain (domains) "
         "| HARC: gap share | HARC / ceiling | experts + HARC: gap share | experts + HARC / ceiling |",
@@ -510,9 +512,9 @@ def parts_markdown(result: dict) -> list[str]:
     lines = [
         "### Where the rest of the gap lies: one part of the specialist swapped in at a time",
         "",
-        f"`{record['command']}`: the share of the stage-1-to-specialist gap closed when the specialist's "
-        + ", ".join(f"{p} ({record['parts'][p]})" for p in record["parts"])
-        + " is swapped into the stage-1 model; mean over domains (per domain in results/"
+        f"`{record['command']}`: the share of the stage-1-to-specialist gap closed when one part of the specialist "
+        "(its MoE blocks, every layer's self-attention, the input embeddings or the output head; PARTS in "
+        "moe_ceiling.py) is swapped into the stage-1 model; mean over domains (per domain in results/"
         f"{result['family']}-parts.json). The parts interact, so the shares need not add up to 1.",
         "",
         "| method | " + " | ".join(["MoE blocks", *others]) + " |",
@@ -539,7 +541,13 @@ def _ceiling_line(result: dict) -> str:
         )
     if not parts:
         return "MoE-block ceiling: not measured in this run."
-    return "Against the MoE-block ceiling (specialist's routers + experts swapped in): " + ". ".join(parts) + "."
+    text = "Against the MoE-block ceiling (specialist's routers + experts swapped in): " + ". ".join(parts) + "."
+    record = result.get("parts", {}).get("result", {})
+    if "linear" in record:
+        others = [p for p in result["parts"]["parts"] if p != "moe"]
+        shares = ", ".join(f"{p} {mean_share(record['linear'], 'ceiling', p):.2f}" for p in others)
+        text += f" Other parts of the specialist swapped into linear instead of the MoE blocks close: {shares}."
+    return text
 
 
 def headline(result: dict) -> str:
@@ -676,7 +684,9 @@ def write_results() -> Path:
         "regmean options, docs/EXPERTS.md, then HARC, in one walk); `+ experts (classic) + HARC`: the same with "
         "RegMean's classic variant. Oracle "
         "routers: the stage-1 model with the domain's specialist's routers swapped in, the best any router "
-        "calibration can reach. Method parameters: "
+        "calibration can reach. MoE-block ceiling: the stage-1 model with the domain's specialist's MoE blocks "
+        "(routers and experts) swapped in, the best any method that rewrites only MoE blocks can reach "
+        "(examples/specialists/moe_ceiling.py). Method parameters: "
         + "; ".join(f"{m} {p or 'defaults'}" for m, p in METHOD_PARAMETERS.items())
         + " (weight 1.0 per source).",
         "",
@@ -685,7 +695,15 @@ def write_results() -> Path:
     lines += [
         "Not run: calibration sets above 32 samples per domain (the shipped evaluation pool holds 64 samples "
         "per domain, 32 of them held out), other method parameters (one setting per method, listed above), "
-        "and GLM-4-MoE specialists built with `--mode full` (full fine-tunes: OLMoE only, `olmoe-full`).",
+        "and GLM-4-MoE specialists built with `--mode full` (full fine-tunes: OLMoE only, `olmoe-full` and "
+        "`olmoe-wide-full`). "
+        + (
+            "Families whose run predates the MoE-block ceiling (no ceiling table): "
+            + ", ".join(r["family"] for r in results if "ceiling" not in r)
+            + "."
+            if any("ceiling" not in r for r in results)
+            else ""
+        ),
         "",
     ]
     for result in results:

@@ -49,7 +49,7 @@ def moe_layers(model) -> list[int]:
 
 
 PARTS = {
-    "moe": "every MoE block: router with its biases, routed and shared experts (the layer's whole mlp)",
+    "moe": "every MoE block, the layer's whole mlp: router with its biases, routed and shared experts",
     "attention": "every layer's self-attention: projections and their norms",
     "embeddings": "the input embeddings",
     "head": "the output head",
