@@ -106,7 +106,7 @@ def run_merge(moemerge: Callable, tmp_path: Path, recipe: dict) -> tuple[int, st
         ("source1", ROUTER, float("nan"), "linear"),
         ("source1", ROUTER, float("nan"), "ties"),
         ("source0", EXPERT, float("inf"), "ties"),
-        ("base", EMBEDDING, -float("inf"), "linear"),
+        ("base", EMBEDDING, -float("inf"), "task_arithmetic"),
     ],
 )
 def test_non_finite_source_tensor_stops_stage1(setup, tmp_path, moemerge, which, tensor, value, method) -> None:

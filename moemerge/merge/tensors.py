@@ -51,19 +51,18 @@ def merge_tensor(plan: MergePlan, name: str, device: str = "cpu") -> torch.Tenso
         return reference.read(name)  # integer buffers (e.g. position ids) are not weights: keep the reference's
     work = _torch_dtype(plan.recipe.work_dtype)
     spreads = plan.method.spreads_non_finite  # then the output check covers the inputs the kernel takes
-    base = None
-    if plan.base:
-        base = _read(plan, plan.base, name, check=not (spreads and plan.method.needs_base))
-        base = base.to(device=device, dtype=work)
-    sources = [_read(plan, s, name, check=not spreads).to(device=device, dtype=work) for s in plan.sources]
+    takes_base = plan.base is not None and plan.method.needs_base  # linear takes none: reading it would be waste
+    inputs = ([plan.base] if takes_base else []) + list(plan.sources)
+    tensors = [_read(plan, model, name, check=not spreads).to(device=device, dtype=work) for model in inputs]
+    base, sources = (tensors[0], tensors[1:]) if takes_base else (None, tensors)
     params, source_params = plan.params[name]
     ctx = TensorContext(name, seed=plan.recipe.seed, is_linear_weight=name in plan.linear_weights)
     merged = plan.method(base, sources, source_params, params, ctx)
-    del base, sources
+    del base, sources, tensors
     out = merged.to(device="cpu", dtype=out_dtype)
     if not is_finite(out):
         if spreads:  # name the input it came from, if any
-            for model in ([plan.base] if plan.base else []) + list(plan.sources):
+            for model in inputs:
                 _read(plan, model, name, check=True)
         check_cast(merged, out, f"merged tensor {name} ({plan.method.name} of finite inputs)")
     return out
