@@ -51,7 +51,7 @@ from moemerge.calibrate.fused_experts import FusedExperts, bank_of, expert_call,
 from moemerge.calibrate.options import CalibrationOptions, RegMeanOptions
 from moemerge.calibrate.regmean_sums import RegMeanSums, augment, fold_expert_batch
 from moemerge.calibrate.stages import StageClock
-from moemerge.calibrate.walk import LayerWalker
+from moemerge.calibrate.walk import LayerWalker, return_freed_memory
 from moemerge.finite import check_finite, check_tensors
 
 if TYPE_CHECKING:
@@ -282,6 +282,7 @@ class RegMeanCalibration:
         finally:
             for handle in handles:
                 handle.remove()
+        return_freed_memory()  # a pass frees many expert-sized temporaries that glibc would otherwise keep
         return outputs if full else None
 
     def _advance(self, source: SourceWalk, index: int) -> None:

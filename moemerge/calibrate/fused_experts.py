@@ -11,15 +11,17 @@ instead keeps the experts in their storage dtype and hands them out one expert a
 - ``lazy``: nothing held; each expert is read from the memory-mapped checkpoint when it is used (the
   sources' experts, read in every pass).
 
-:func:`expert_forward` is the experts module's forward over a bank: per expert, the tokens routed to it,
-its matrices cast to the forward dtype, ``down(act(gate x) * up x)`` times the routing weight, added
-into the output (the arithmetic of transformers' eager experts loop), so one expert at a time exists
-in the forward dtype.
+:func:`expert_forward` is the experts module's forward over a bank: a group of experts (about 256 MB in
+the forward dtype) is cast at once and the tokens routed to them go through one grouped matrix product
+per projection, ``down(act(gate x) * up x)`` times the routing weight, added into the output in expert
+order: the arithmetic of transformers' eager experts loop, bit for bit (tests/test_expert_bank.py), at
+the speed of its grouped kernel plus the cast (benchmarks/real_width.py).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -109,6 +111,12 @@ class ExpertBank:
         parts = [self.reader.read(piece.name) for piece in self.pieces[name][expert]]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def group(self, name: str, first: int, last: int) -> Tensor:
+        """Experts first..last-1 of matrix `name` (experts x out x in), in the storage dtype."""
+        if self.tensors:
+            return self.tensors[name][first:last]
+        return torch.stack([self.matrix(name, e) for e in range(first, last)])
+
     def tensor(self, name: str) -> Tensor:
         """The fused tensor `name` (experts x out x in), as transformers lays it out in memory (resident only)."""
         if name not in self.tensors:
@@ -130,31 +138,51 @@ def bank_of(module: torch.nn.Module) -> ExpertBank | None:
     return getattr(module, BANK_ATTRIBUTE, None)
 
 
-def expert_forward(
-    module: torch.nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
-) -> Tensor:
-    """The experts module's output from its bank: per routed expert, its tokens through its matrices.
+FORWARD_GROUP_BYTES = 2**28
+"""Experts cast together to the forward dtype in the banked forward: about 256 MB (10 OLMoE experts in float32,
+one DeepSeek-V3 expert), enough to run them as one grouped matrix product."""
 
-    Same arithmetic as transformers' eager experts loop (experts in increasing order, each one's
-    weighted output added into the result), one expert's matrices at a time in the forward dtype.
+
+def forward_group(numbers_per_expert: int, forward_bytes: int) -> int:
+    """Experts per group of the banked forward: as many as ``FORWARD_GROUP_BYTES`` holds, at least one."""
+    return max(1, FORWARD_GROUP_BYTES // max(numbers_per_expert * forward_bytes, 1))
+
+
+def expert_forward(
+    module: torch.nn.Module,
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+) -> Tensor:
+    """The experts module's output from its bank, a group of experts at a time.
+
+    Per group, its experts' matrices are cast to the forward dtype together and the tokens routed to
+    them, sorted by expert, go through one grouped product per projection (``torch.nn.functional.grouped_mm``:
+    per expert, its rows times its matrix); each token's weighted outputs are added into the result in
+    expert order. The arithmetic of transformers' eager experts loop, with one group in the forward dtype.
     """
     bank = bank_of(module)
     dtype, device = hidden_states.dtype, hidden_states.device
+    experts = bank.experts
     result = torch.zeros_like(hidden_states)
     top_k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=bank.experts).tolist()
-    start = 0
-    for expert, count in enumerate(counts[: bank.experts]):
-        if count == 0:
+    counts = torch.bincount(flat, minlength=experts)[:experts]
+    ends = torch.cumsum(counts, 0).tolist()
+    numbers = sum(math.prod(bank.shapes[name][1:]) for name in MATRICES)
+    group = forward_group(numbers, hidden_states.element_size())
+    for first in range(0, experts, group):
+        last = min(first + group, experts)
+        start, stop = (ends[first - 1] if first else 0), ends[last - 1]
+        if stop == start:
             continue
-        slots = order[start : start + count]
-        start += count
+        slots = order[start:stop]
         tokens, position = slots // top_k, slots % top_k
-        gate_up = bank.matrix("gate_up_proj", expert).to(device, dtype)
-        hidden = module._apply_gate(torch.nn.functional.linear(hidden_states[tokens], gate_up))
-        out = torch.nn.functional.linear(hidden, bank.matrix("down_proj", expert).to(device, dtype))
+        offsets = torch.cumsum(counts[first:last], 0).to(torch.int32)
+        weights = [bank.group(name, first, last).to(device, dtype) for name in MATRICES]
+        hidden = module._apply_gate(torch.nn.functional.grouped_mm(hidden_states[tokens], weights[0].mT, offs=offsets))
+        out = torch.nn.functional.grouped_mm(hidden, weights[1].mT, offs=offsets)
         result.index_add_(0, tokens, (out * top_k_weights[tokens, position, None]).to(result.dtype))
     return result
 
