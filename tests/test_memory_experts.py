@@ -82,7 +82,7 @@ def test_experts_add_the_regmean_terms_to_the_plan() -> None:
     # experts in a bank (bfloat16 on disk): the merged layer holds them once in bfloat16, a source none
     banked = dataclasses.replace(SHAPE, banked=True, expert_disk_bytes=2 * E * (A + C))
     rest = 4 * d * d * f  # the attention, converted
-    cast = (A + C) * (f + 2)  # one expert read (bfloat16) and cast for the forward
+    cast = E * (A + C) * (f + 2)  # a group of experts (all 8 fit in 256 MB) read (bfloat16) and cast for the forward
     harc_banked = plan_memory(banked, LENGTHS, CalibrationOptions(**SMALL), MemoryBudget())
     assert harc_banked.host_bytes == forward - layer + rest + 2 * E * (A + C) + cast
     plan = plan_memory(banked, LENGTHS, options, MemoryBudget())

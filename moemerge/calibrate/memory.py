@@ -8,7 +8,8 @@ size, E experts, K domains, T_i the padded and N_i the real tokens of domain i o
     resident     embeddings, final norm, output head:         numbers outside the layers x f
     layer        the largest decoder layer as the walk holds it: its numbers x f; with a bank (below),
                  its numbers outside the routed experts x f, plus the experts' on-disk bytes X
-    cast         with a bank, one expert read and cast for the forward:  (a + c) (f + q)
+    cast         with a bank, a group of experts read and cast for the forward (about 256 MB in f,
+                 ``forward_group``):  g_f (a + c) (f + q)
     batch        one forward batch inside the layer:           B x (20 d + 2 heads L + 4 k m + 4 E) x f
                  (B the largest batch's padded tokens, at most batch_tokens; L the longest sample, k top-k,
                  m the expert width; an estimate fitted to one OLMoE layer's measured forward,
@@ -102,7 +103,7 @@ from pathlib import Path
 import torch
 
 from moemerge.architectures.layout import ArchitectureError, ModelLayout, build_meta_model, expert_pieces
-from moemerge.calibrate.fused_experts import MATRICES, FusedExperts, banks_experts, experts_module
+from moemerge.calibrate.fused_experts import MATRICES, FusedExperts, banks_experts, experts_module, forward_group
 from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, RouterSolveOptions
 from moemerge.calibrate.preconditioners import FALLBACK_ORDER, choose_preconditioner, required_bytes, resolve_auto
 from moemerge.calibrate.regmean_sums import RegMeanSums
@@ -266,9 +267,11 @@ class ModelShape:
         return 2 * self.converted_numbers * forward_bytes + rest_disk
 
     def expert_cast_bytes(self, forward_bytes: int) -> int:
-        """One expert read from a bank (storage dtype) and cast to the forward dtype, as the banked forward runs it."""
+        """A group of experts read from a bank (storage dtype) and cast to the forward dtype, as the banked
+        forward runs them (``fused_experts.forward_group``)."""
         per_expert = sum(o * i for o, i in self.expert_maps)
-        return per_expert * (forward_bytes + self.expert_number_bytes) if self.banked else 0
+        group = min(forward_group(per_expert, forward_bytes), self.experts)
+        return group * per_expert * (forward_bytes + self.expert_number_bytes) if self.banked else 0
 
     @classmethod
     def of(cls, layout: ModelLayout, reader: CheckpointReader) -> ModelShape:
@@ -505,7 +508,7 @@ def _estimate(
             dict.fromkeys(_PHASES, converted),
         ),
         ("its experts in a bank (storage dtype)", work, dict.fromkeys(_PHASES, bank)),
-        ("one expert read and cast (forward)", work, {"forward": cast, "pass": cast}),
+        ("experts read and cast, a group (forward)", work, {"forward": cast, "pass": cast}),
         (
             f"forward batch of {min(batch_tokens, tokens.largest_batch or batch_tokens)} tokens (estimate)",
             work,
