@@ -331,6 +331,43 @@ def report(setup: dict, label: str, result: dict, rates: dict, out: Path) -> Non
         print(f"\ntokens per second (all sources' real tokens, wall): {tokens / total_wall:.1f}")
 
 
+FULL_MODELS = {  # (d, routed experts, top-k, heads, expert width, other numbers per MoE layer, embeddings + head)
+    "OLMoE-1B-7B": (2048, 64, 8, 16, 1024, 4 * 2048 * 2048, 2 * 50304 * 2048),
+    "Qwen3-30B-A3B": (2048, 128, 8, 32, 768, 2 * 2048 * 4096 + 2 * 2048 * 512, 2 * 151936 * 2048),
+    "DeepSeek-V3": (7168, 256, 8, 128, 2048, 11_510_000_000 - 256 * 3 * 2048 * 7168, 1_850_000_000),
+}
+
+
+def full_model_plans() -> None:
+    """The planner's per-rank plans for the full models (bfloat16 checkpoints, experts in a bank), no checkpoint."""
+    from moemerge.calibrate.memory import ModelShape, parse_budget, plan_memory
+    from moemerge.calibrate.options import CalibrationOptions
+
+    runs = [
+        ("CPU, 1 rank, 16GB, demo text 3 x 32 x 256", "cpu", "16GB", 1, [[256] * 32] * 3),
+        ("CPU, 1 rank, 16GB, 3 x 2000 x 512", "cpu", "16GB", 1, [[512] * 2000] * 3),
+        ("8 GPUs, host=250GB,device=76GB, 3 x 2000 x 512", "cuda", "host=250GB,device=76GB", 8, [[512] * 2000] * 3),
+    ]
+    for model, (d, E, k, heads, inter, other, resident) in FULL_MODELS.items():
+        routed = E * 3 * inter * d
+        shape = ModelShape(
+            hidden=d, experts=E, top_k=k, heads=heads, expert_width=inter, layer_numbers=routed + other,
+            resident_numbers=resident, layer_disk_bytes=2 * (routed + other), expert_maps=((2 * inter, d), (d, inter)),
+            banked=True, expert_disk_bytes=2 * routed,
+        )  # fmt: skip
+        for label, device, budget, ranks, lengths in runs:
+            for experts in (False, True):
+                options = CalibrationOptions(device=device, experts=experts, batch_tokens=4096)
+                print(f"\n== {model}, {label}, {'experts: true' if experts else 'HARC only'}")
+                try:
+                    plan = plan_memory(
+                        shape, lengths, options, parse_budget(budget, device), world_size=ranks, on_gpu=device == "cuda"
+                    )
+                    print(plan.describe())
+                except ValueError as err:
+                    print(str(err).splitlines()[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="olmoe")
@@ -344,7 +381,11 @@ def main() -> None:
     parser.add_argument("--root", default="/work/bench_tmp/real_width")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--no-kernels", action="store_true")
+    parser.add_argument("--full-model-plans", action="store_true", help="only print the planner's full-model plans")
     args = parser.parse_args()
+    if args.full_model_plans:
+        full_model_plans()
+        return
 
     root = Path(args.root) / f"{args.shape}-{args.layers}l-{args.experts or 'all'}e"
     root.mkdir(parents=True, exist_ok=True)
