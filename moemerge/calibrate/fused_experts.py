@@ -87,6 +87,7 @@ class ExpertBank:
         self.pieces = pieces
         self.shapes = shapes
         self.dtype = dtype
+        self.device = torch.device(device)
         self.tensors: dict[str, Tensor] = {}
         if resident:
             for name, shape in shapes.items():
@@ -131,7 +132,7 @@ class ExpertBank:
         """Replace a whole fused tensor (a finished layer replayed from the work folder)."""
         if tuple(fused.shape) != tuple(self.shapes[name]):
             raise ValueError(f"{name}: replacement of shape {tuple(fused.shape)}, expected {self.shapes[name]}")
-        self.tensors[name] = fused.to(self.dtype)
+        self.tensors[name] = fused.to(self.device, self.dtype)
 
 
 def bank_of(module: torch.nn.Module) -> ExpertBank | None:
