@@ -261,7 +261,11 @@ class FusedExperts:
         """Expert `expert`'s [W | b] of `name`, in the dtype it is held in."""
         if self.bank is not None:
             return self.bank.matrix(name, expert)
-        return self._matrix(name)[expert]
+        weight = self.module._parameters[name][expert]  # one expert, not the layer's [W | b] (a copy with biases)
+        weight = weight.mT if self.transposed else weight
+        if self.bias:
+            weight = torch.cat([weight, self.module._parameters[f"{name}_bias"][expert].unsqueeze(-1)], dim=-1)
+        return weight
 
     def gate_up(self) -> Tensor:
         """E x 2I x (d + bias)."""
