@@ -58,7 +58,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: type, group: str) -> None:
-    """One `--flag` per scalar field of a pydantic model, with the field's description as help.
+    """One `--flag` per scalar or list field of a pydantic model (a list flag repeats), with its description as help.
 
     The recipe's option models are the single source of these flags, so the CLI and the YAML
     schema cannot drift apart. Values left unset keep the model's defaults.
@@ -75,6 +75,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type, group: str) ->
         help_text = f"{field.description or ''} (default: {default})"
         if field.annotation is bool:
             section.add_argument(flag, dest=f"{group}.{name}", action=argparse.BooleanOptionalAction, help=help_text)
+        elif annotation.startswith("list["):
+            section.add_argument(flag, dest=f"{group}.{name}", action="append", default=None, help=help_text)
         else:
             section.add_argument(flag, dest=f"{group}.{name}", type=_parse_scalar, default=None, help=help_text)
 
