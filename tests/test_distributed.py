@@ -265,7 +265,11 @@ def test_plan_shards_packs_like_the_writer(tmp_path: Path) -> None:
 
 
 def test_parse_budget() -> None:
-    assert parse_budget(None, "cpu") == MemoryBudget()
+    default = parse_budget(None, "cpu")  # the host's available memory, read from /proc/meminfo and cgroups
+    total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    assert 0 < default.host < total and default.device is None and "available memory" in default.origin
+    assert parse_budget("unlimited", "cpu") == MemoryBudget(origin="--max-memory unlimited")
+    assert not parse_budget("unlimited", "cpu").limited
     assert parse_budget("2GB", "cpu") == MemoryBudget(host=2 * 10**9)
     assert parse_budget("80GiB", "cuda") == MemoryBudget(device=80 * 2**30)
     assert parse_budget("host=1GB,device=2GB", "cuda") == MemoryBudget(host=10**9, device=2 * 10**9)
