@@ -31,29 +31,15 @@ OUT = "merged"
 
 def build(workdir: Path) -> Path:
     """The tests' tiny specialists (tests/conftest.py) and a run recipe; returns the recipe."""
-    import yaml
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_specialists
+    from conftest import make_specialists, write_run_recipe
 
     models = workdir / "models"
     if models.exists():
         shutil.rmtree(models)
     setup = make_specialists("olmoe", models)
-    sources = [str(s) for s in setup["sources"]]
-    recipe = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(setup["base"]),
-        "models": [{"model": s, "parameters": {"weight": 1.0}} for s in sources],
-        "dtype": "float32",
-        "calibrate": {
-            "domains": {s: [str(f)] for s, f in zip(sources, setup["data"], strict=True)},
-            "data": {"max_length": 48, "heldout": 0.3},
-            "batch_tokens": 256,
-        },
-    }
-    path = workdir / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = write_run_recipe(setup, workdir)
     return path
 
 

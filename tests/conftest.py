@@ -84,3 +84,26 @@ def make_specialists(model_type: str, root: Path, *, num_sources: int = 2, **ove
     topics = list(pydoc_data.topics.topics.values())
     prose.write_text("\n".join(json_module.dumps({"text": t[: 40 + 13 * i]}) for i, t in enumerate(topics[:20])))
     return {"base": base, "sources": sources, "average": root / "average", "data": [code, prose]}
+
+
+def write_run_recipe(setup: dict, folder: Path, method: str = "task_arithmetic") -> Path:
+    """`folder/recipe.yaml`: a `moemerge run` recipe merging `setup`'s specialists (from `make_specialists`)
+    with `method`, then calibrating on their domain text, with 30 % of it held out for diagnose."""
+    import yaml
+
+    sources = [str(s) for s in setup["sources"]]
+    recipe = {
+        "merge_method": method,
+        "base_model": str(setup["base"]),
+        "models": [{"model": s, "parameters": {"weight": 1.0}} for s in sources],
+        "dtype": "float32",
+        "calibrate": {
+            "domains": {s: [str(f)] for s, f in zip(sources, setup["data"], strict=True)},
+            "data": {"max_length": 48, "heldout": 0.3},
+            "batch_tokens": 256,
+        },
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+

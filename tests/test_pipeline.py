@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import make_specialists
+from conftest import make_specialists, write_run_recipe
 
 from moemerge.cli import main
 from moemerge.diagnose.report import headline_table, load_report
@@ -19,20 +18,7 @@ def test_run_writes_model_report_and_card(method: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     setup = make_specialists("olmoe", tmp_path)
-    sources = [str(s) for s in setup["sources"]]
-    recipe = {
-        "merge_method": method,
-        "base_model": str(setup["base"]),
-        "models": [{"model": s, "parameters": {"weight": 1.0}} for s in sources],
-        "dtype": "float32",
-        "calibrate": {
-            "domains": {s: [str(f)] for s, f in zip(sources, setup["data"], strict=True)},
-            "data": {"max_length": 48, "heldout": 0.3},
-            "batch_tokens": 256,
-        },
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = write_run_recipe(setup, tmp_path, method)
     out = tmp_path / "merged"
     assert main(["run", str(path), "-o", str(out), "--quiet"]) == 0
 

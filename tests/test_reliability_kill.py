@@ -27,8 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import make_specialists
+from conftest import make_specialists, write_run_recipe
 
 from moemerge.cli import main
 
@@ -74,20 +73,7 @@ def start(cwd: Path, recipe: Path, limit: int | None = None) -> subprocess.Popen
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("kill")
     setup = make_specialists("olmoe", root)
-    sources = [str(s) for s in setup["sources"]]
-    recipe = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(setup["base"]),
-        "models": [{"model": s, "parameters": {"weight": 1.0}} for s in sources],
-        "dtype": "float32",
-        "calibrate": {
-            "domains": {s: [str(f)] for s, f in zip(sources, setup["data"], strict=True)},
-            "data": {"max_length": 48, "heldout": 0.3},
-            "batch_tokens": 256,
-        },
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = write_run_recipe(setup, root)
     (root / "reference").mkdir()
     began = time.monotonic()
     process = start(root / "reference", path)
