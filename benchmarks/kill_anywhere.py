@@ -16,7 +16,6 @@ A table, not a test: where the kills land depends on the machine's speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -26,14 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny models and helpers
+from conftest import folder_contents, make_specialists, write_run_recipe  # noqa: E402
+
 OUT = "merged"
 
 
 def build(workdir: Path) -> Path:
     """The tests' tiny specialists (tests/conftest.py) and a run recipe; returns the recipe."""
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_specialists, write_run_recipe
 
     models = workdir / "models"
     if models.exists():
@@ -41,24 +40,6 @@ def build(workdir: Path) -> Path:
     setup = make_specialists("olmoe", models)
     path = write_run_recipe(setup, workdir)
     return path
-
-
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in ("seconds", "stages")}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
-def contents(folder: Path) -> dict[str, object]:
-    found: dict[str, object] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            raw = path.read_bytes()
-            summary = path.name == "moemerge_calibration.json"
-            found[str(path.relative_to(folder))] = without_timings(json.loads(raw)) if summary else raw
-    return found
 
 
 def run(cwd: Path, recipe: Path) -> subprocess.Popen:
@@ -101,7 +82,7 @@ def main() -> None:
     if run(reference, recipe).wait() != 0:
         raise SystemExit("the reference run failed")
     seconds = time.monotonic() - began
-    expected = {name: contents(reference / name) for name in (OUT, f"{OUT}.stage1")}
+    expected = {name: folder_contents(reference / name) for name in (OUT, f"{OUT}.stage1")}
 
     rng = random.Random(args.seed)
     rows = []
@@ -119,14 +100,15 @@ def main() -> None:
         process.wait()
         states = []
         for name, want in expected.items():
-            states.append(
-                "absent" if not (cwd / name).exists() else "complete" if contents(cwd / name) == want else "BROKEN"
-            )
+            if not (cwd / name).exists():
+                states.append("absent")
+            else:
+                states.append("complete" if folder_contents(cwd / name) == want else "BROKEN")
         if (cwd / OUT).exists():
             rerun = "not needed"
         else:
             status = run(cwd, recipe).wait()
-            same = status == 0 and all(contents(cwd / n) == want for n, want in expected.items())
+            same = status == 0 and all(folder_contents(cwd / n) == want for n, want in expected.items())
             rerun = "identical" if same else f"DIFFERS (status {status})"
         rows.append((at, landed, *states, rerun))
         print(

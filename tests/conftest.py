@@ -107,3 +107,44 @@ def write_run_recipe(setup: dict, folder: Path, method: str = "task_arithmetic")
     path.write_text(yaml.safe_dump(recipe))
     return path
 
+
+def without_timings(value):
+    """A calibration summary without wall and CPU times (`stages` is the walk's time profile per layer)."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in ("seconds", "stages")}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def folder_contents(folder: Path) -> dict[str, object]:
+    """Every file under `folder` by relative path: bytes, or for the calibration summary its JSON minus timings."""
+    import json
+
+    contents: dict[str, object] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = str(path.relative_to(folder))
+            raw = path.read_bytes()
+            contents[key] = without_timings(json.loads(raw)) if path.name == "moemerge_calibration.json" else raw
+    return contents
+
+
+def rank_pid(tag: str, rank: int, timeout: float = 120) -> int:
+    """The pid of torchrun worker `rank` of the job whose environment carries MOEMERGE_TEST_TAG=`tag` (/proc)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            except OSError:
+                continue
+            if env.get("MOEMERGE_TEST_TAG") == tag and env.get("RANK") == str(rank) and "LOCAL_RANK" in env:
+                return int(proc.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no torchrun worker of rank {rank} appeared")
+

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from conftest import make_specialists
+from conftest import make_specialists, rank_pid
 
 from moemerge.architectures.layout import load_layout
 from moemerge.calibrate.memory import MemoryBudget, ModelShape, parse_budget, plan_memory, rank_tokens
@@ -136,23 +136,6 @@ def test_distributed_calibration_matches_single_process(setup: dict, distributed
                 assert domain[key] == pytest.approx(b["domains"][name][key], abs=1e-12), (name, key)
 
 
-def _rank_pid(tag: str, rank: int, timeout: float = 120) -> int:
-    """The pid of torchrun worker `rank` of the run whose environment carries `tag` (read from /proc)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
-            except OSError:
-                continue
-            if env.get("MOEMERGE_TEST_TAG") == tag and env.get("RANK") == str(rank) and "LOCAL_RANK" in env:
-                return int(proc.name)
-        time.sleep(0.05)
-    raise AssertionError(f"no torchrun worker of rank {rank} appeared")
-
-
 @needs_gloo
 def test_dead_rank_fails_the_run_and_the_rerun_resumes(setup: dict, distributed_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -161,7 +144,7 @@ def test_dead_rank_fails_the_run_and_the_rerun_resumes(setup: dict, distributed_
     process = subprocess.Popen(
         command, env=_env(MOEMERGE_TEST_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    rank1 = _rank_pid(tag, 1)
+    rank1 = rank_pid(tag, 1)
     second_layer = tmp_path / "out.work" / "layer_0001.safetensors"
     while not second_layer.exists() and process.poll() is None:
         time.sleep(0.002)

@@ -15,7 +15,6 @@ kill moments.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import resource
@@ -28,31 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import make_specialists, write_run_recipe
+from conftest import folder_contents, make_specialists, write_run_recipe
 
 from moemerge.cli import main
 
 OUT = "merged"
 
-
-def without_timings(value):
-    """A calibration summary without wall and CPU times (`stages` is the walk's time profile per layer)."""
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in ("seconds", "stages")}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
-def folder_contents(folder: Path) -> dict[str, object]:
-    """Every file under `folder` by relative path: bytes, or for the calibration summary its JSON minus timings."""
-    contents: dict[str, object] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            key = str(path.relative_to(folder))
-            raw = path.read_bytes()
-            contents[key] = without_timings(json.loads(raw)) if path.name == "moemerge_calibration.json" else raw
-    return contents
 
 
 def start(cwd: Path, recipe: Path, limit: int | None = None) -> subprocess.Popen:

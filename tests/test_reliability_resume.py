@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import yaml
-from conftest import make_specialists
+from conftest import make_specialists, rank_pid
 
 from moemerge.cli import main
 
@@ -106,24 +106,6 @@ def test_shards_of_other_inputs_are_not_adopted(setup: dict, tmp_path: Path) -> 
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
-def _rank_pid(tag: str, rank: int, timeout: float = 120) -> int:
-    """The pid of torchrun worker `rank` of the job whose environment carries `tag` (from /proc)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                environ = (proc / "environ").read_text().split("\0")
-            except OSError:
-                continue
-            values = dict(item.split("=", 1) for item in environ if "=" in item)
-            if values.get("MOEMERGE_TEST_TAG") == tag and values.get("RANK") == str(rank) and "LOCAL_RANK" in values:
-                return int(proc.name)
-        time.sleep(0.05)
-    raise AssertionError(f"no torchrun worker of rank {rank} appeared")
-
-
 @pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available() and sys.platform == "linux"),
     reason="needs torch.distributed with gloo (and /proc to find a rank's process)",
@@ -141,7 +123,7 @@ def test_torchrun_merge_with_a_dead_rank_resumes_byte_identical(setup: dict, tmp
         command,
         tmp_path / ".out.partial-*",
         4,
-        victim=lambda: _rank_pid(tag, 1),
+        victim=lambda: rank_pid(tag, 1),
         env=env() | {"MOEMERGE_TEST_TAG": tag},
     )
     assert not out.exists() and finished, "the shards of the ranks were not kept for the restart"
