@@ -14,9 +14,11 @@ import yaml
 from conftest import make_specialists
 
 import moemerge.calibrate.memory as memory
-from moemerge.calibrate.memory import AVAILABLE_SHARE, MemoryBudget, host_available, parse_budget
+from moemerge.architectures.layout import load_layout
+from moemerge.calibrate.memory import AVAILABLE_SHARE, MemoryBudget, ModelShape, host_available, parse_budget
 from moemerge.calibrate.options import CalibrationOptions
-from moemerge.calibrate.runner import Calibrator, Domain
+from moemerge.calibrate.runner import Calibrator, Domain, plan_calibration
+from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.cli import main
 
 
@@ -88,3 +90,22 @@ def test_max_memory_flag_reaches_the_walk(
     assert "moemerge: error: --max-memory: the budget (host 0.001 GB, device no limit per rank) cannot be met" in err
     assert "memory plan per rank" in err and "budget from --max-memory" in err  # the smallest plan, printed
     assert not out.exists()
+    # `run` plans stage 2 from the tensors stage 1 would write, and refuses before merging anything
+    assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.name]
+
+
+def test_plan_before_stage_1_equals_the_plan_of_its_output(setup: dict, tmp_path: Path) -> None:
+    """Planned from the base model as stage 1 will write it (bfloat16 from a float32 base), the shape and the plan
+    are those of the stage-1 output itself, so `run` refuses before stage 1 exactly what the walk would refuse."""
+    recipe = _regmean_recipe(setup, tmp_path, "task_arithmetic")
+    text = yaml.safe_load(recipe.read_text()) | {"dtype": "bfloat16"}
+    recipe.write_text(yaml.safe_dump(text))
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "stage1"), "--quiet"]) == 0
+    stage1, base = str(tmp_path / "stage1"), str(setup["base"])
+    assert CheckpointReader(base).info(next(iter(CheckpointReader(base).names()))).dtype == "F32"
+    planned = ModelShape.of(load_layout(base), CheckpointReader(base), stored_as="bfloat16")
+    assert planned == ModelShape.of(load_layout(stage1), CheckpointReader(stage1))
+    assert planned != ModelShape.of(load_layout(base), CheckpointReader(base))
+    options = CalibrationOptions(experts=True, batch_tokens=256, max_memory="unlimited")
+    before = plan_calibration(base, _domains(setup), options, stored_as="bfloat16")
+    assert before.describe() == Calibrator(stage1, _domains(setup), options, tmp_path / "work").plan.describe()

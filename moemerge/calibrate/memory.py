@@ -108,7 +108,7 @@ from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, R
 from moemerge.calibrate.preconditioners import FALLBACK_ORDER, choose_preconditioner, required_bytes, resolve_auto
 from moemerge.calibrate.regmean_sums import RegMeanSums
 from moemerge.calibrate.walk import LAYER_INDEX
-from moemerge.checkpoint.reader import CheckpointReader
+from moemerge.checkpoint.reader import CheckpointReader, is_float_code
 from moemerge.data import pack
 from moemerge.distributed import assign_shards
 from moemerge.units import parse_size
@@ -274,7 +274,16 @@ class ModelShape:
         return group * per_expert * (forward_bytes + self.expert_number_bytes) if self.banked else 0
 
     @classmethod
-    def of(cls, layout: ModelLayout, reader: CheckpointReader) -> ModelShape:
+    def of(cls, layout: ModelLayout, reader: CheckpointReader, stored_as: str | None = None) -> ModelShape:
+        """The shape of the checkpoint ``reader`` reads; with ``stored_as`` (a dtype name), of the same tensors
+        once written in that dtype (floating tensors only), e.g. a stage-1 output planned before it exists."""
+
+        def disk_bytes(name: str) -> int:
+            info = reader.info(name)
+            if stored_as is None or not is_float_code(info.dtype):
+                return info.nbytes
+            return math.prod(info.shape) * _BYTES[stored_as]
+
         config = layout.config.get_text_config() if hasattr(layout.config, "get_text_config") else layout.config
         hidden = int(config.hidden_size)
         width = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", hidden)
@@ -288,7 +297,7 @@ class ModelShape:
             if match:
                 index = int(match.group(1))
                 per_layer[index] = per_layer.get(index, 0) + math.prod(info.shape)
-                disk_per_layer[index] = disk_per_layer.get(index, 0) + info.nbytes
+                disk_per_layer[index] = disk_per_layer.get(index, 0) + disk_bytes(name)
             else:
                 resident += math.prod(info.shape)
         model = build_meta_model(layout.config)
@@ -303,7 +312,7 @@ class ModelShape:
                 found = [expert_pieces(model, f"{path}.{m}", tuple(module._parameters[m].shape)) for m in MATRICES]
                 names = [piece.name for pieces in found if pieces for own in pieces for piece in own]
                 banked = all(found) and all(n in reader for n in names)
-                expert_disk = sum(reader.info(n).nbytes for n in names) if banked else 0
+                expert_disk = sum(disk_bytes(n) for n in names) if banked else 0
         except ArchitectureError:
             experts, expert_maps = None, ()
         routers = {

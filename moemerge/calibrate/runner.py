@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from moemerge.architectures.layout import ModelLayout, MoeLayer, load_layout
 from moemerge.architectures.routing import top_k_agreement, top_k_experts
 from moemerge.calibrate.experts import RegMeanCalibration
-from moemerge.calibrate.memory import MemoryPlanError, ModelShape, parse_budget, plan_memory
+from moemerge.calibrate.memory import MemoryPlan, MemoryPlanError, ModelShape, parse_budget, plan_memory
 from moemerge.calibrate.options import CalibrationOptions
 from moemerge.calibrate.solve import solve_router
 from moemerge.calibrate.stages import StageClock
@@ -41,9 +42,12 @@ from moemerge.checkpoint.hub import provenance
 from moemerge.checkpoint.lock import folder_lock
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.checkpoint.writer import CheckpointWriter, disk_errors
-from moemerge.data import Batch, DataSpec, batches, identity, load_domain, parse_data_source
-from moemerge.distributed import Ranks, init_ranks
+from moemerge.data import Batch, DataSpec, TokenizedDomain, batches, identity, load_domain, parse_data_source
+from moemerge.distributed import Ranks, init_ranks, world_size_from_env
 from moemerge.finite import check_finite, check_tensors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +109,62 @@ def _check_sources(layout: ModelLayout, domains: list[Domain]) -> None:
             raise ValueError(f"{domain.source}: its MoE layout (family, router tensors) differs from the merged model")
 
 
+def _plan(
+    layout: ModelLayout,
+    reader: CheckpointReader,
+    domains: list[Domain],
+    tokenizer: PreTrainedTokenizerBase,
+    options: CalibrationOptions,
+    world_size: int,
+    on_gpu: bool,
+    stored_as: str | None,
+) -> tuple[MemoryPlan, list[TokenizedDomain]]:
+    """The memory plan of calibrating the model `reader` reads (``stored_as``: once written in that dtype) on
+    the domains' text, and that text tokenised; raises :class:`MemoryPlanError` when no plan fits the budget."""
+    _check_sources(layout, domains)
+    calibrations = [load_domain(d.source, d.files, tokenizer, options.data)[0] for d in domains]
+    plan = plan_memory(
+        ModelShape.of(layout, reader, stored_as),
+        [[len(sample) for sample in c.samples] for c in calibrations],
+        options,
+        parse_budget(options.max_memory, options.device),
+        world_size=world_size,
+        on_gpu=on_gpu,
+    )
+    return plan, calibrations
+
+
+def plan_calibration(
+    model: str,
+    domains: list[Domain],
+    options: CalibrationOptions,
+    *,
+    tokenizer_source: str | None = None,
+    stored_as: str | None = None,
+    progress: bool = True,
+) -> MemoryPlan:
+    """The memory plan of calibrating ``model``, or of a stage-1 output not written yet: give the base model,
+    the tokenizer the output will carry and the dtype it will be written in, so that `moemerge run` refuses a
+    budget that cannot be met before stage 1 (the stage-1 output has the base model's tensors and shapes).
+
+    Raises :class:`MemoryPlanError` (the smallest plan printed first when ``progress``) when nothing fits.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or model, trust_remote_code=False)
+    reader = CheckpointReader(model)
+    try:
+        on_gpu = options.device.startswith("cuda")
+        plan, _ = _plan(
+            load_layout(model), reader, domains, tokenizer, options, world_size_from_env(), on_gpu, stored_as
+        )
+    except MemoryPlanError as err:
+        if progress:
+            print(err.plan.describe(), file=sys.stderr)
+        raise
+    return plan
+
+
 Router = tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -163,19 +223,19 @@ class Calibrator:
         self.merged = merged
         self.ranks = ranks or init_ranks(options.device)
         self.layout = load_layout(merged)
-        _check_sources(self.layout, domains)
         tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=False)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        calibrations = [load_domain(d.source, d.files, tokenizer, options.data)[0] for d in domains]
-        self.data_report = {d.source: c.report for d, c in zip(domains, calibrations, strict=True)}
-        self.plan = plan_memory(  # before any work: a budget that cannot be met stops here
-            ModelShape.of(self.layout, CheckpointReader(merged)),
-            [[len(sample) for sample in c.samples] for c in calibrations],
+        self.plan, calibrations = _plan(  # before any work: a budget that cannot be met stops here
+            self.layout,
+            CheckpointReader(merged),
+            domains,
+            tokenizer,
             options,
-            parse_budget(options.max_memory, options.device),
-            world_size=self.ranks.world_size,
-            on_gpu=self.ranks.device.type == "cuda",
+            self.ranks.world_size,
+            self.ranks.device.type == "cuda",
+            stored_as=None,
         )
+        self.data_report = {d.source: c.report for d, c in zip(domains, calibrations, strict=True)}
         options = self.options = self.plan.apply(options)
         self.work_dir = work_dir
         self.ranks.on_writer(lambda: _prepare_work_dir(work_dir, _fingerprint(merged, domains, options)))

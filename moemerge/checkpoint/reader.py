@@ -38,6 +38,13 @@ ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16"
 ITEM_BYTES |= {"I8": 1, "U8": 1, "BOOL": 1}
 """Bytes per element of each dtype code."""
 
+
+
+def is_float_code(code: str) -> bool:
+    """Whether a safetensors dtype code is a floating type (merged, and stored in the output dtype)."""
+    return code.startswith(("F", "BF"))
+
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moemerge.architectures.layout import build_meta_model, disk_names, load_layout
-from moemerge.checkpoint.reader import CheckpointReader
+from moemerge.checkpoint.reader import CheckpointReader, is_float_code
 from moemerge.merge.recipe import MergeRecipe, resolve_parameters
 from moemerge.merge.registry import MergeMethod, Params, get_method
 
@@ -129,10 +129,6 @@ def _check_headers(reference: CheckpointReader, other: CheckpointReader) -> None
             f"{other.model_dir}: tensor {extra[0]} is not in {reference.model_dir} "
             f"({len(extra)} such tensors); the output keeps the reference's tensors only"
         )
-
-
-def is_float_code(code: str) -> bool:
-    return code.startswith(("F", "BF"))
 
 
 def _embedding_names(reference: str) -> frozenset[str]:

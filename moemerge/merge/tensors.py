@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from moemerge.checkpoint.reader import is_float_code
 from moemerge.finite import check_cast, check_finite, is_finite
-from moemerge.merge.plan import MergePlan, is_float_code
+from moemerge.merge.plan import MergePlan
 
 if TYPE_CHECKING:
     import torch

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 from moemerge.calibrate.options import CalibrationOptions
-from moemerge.calibrate.runner import Domain, calibrate
+from moemerge.calibrate.runner import Domain, calibrate, plan_calibration
 from moemerge.checkpoint.card import model_card
 from moemerge.config import Recipe
 from moemerge.merge.driver import merge_per_tensor
@@ -92,6 +92,10 @@ def merge_regmean(
     key = hashlib.sha256(recipe_text.encode() + json.dumps(recipe.model_dump(mode="json")).encode()).hexdigest()
     scratch = out_dir.parent / f".{out_dir.name}.regmean-{key[:12]}"
     rest_model = scratch / "rest"
+    # the walk's plan, from the tensors the rest merge will write: a budget it cannot meet stops here
+    plan_calibration(
+        plan.reference, domains, options, tokenizer_source=recipe.tokenizer_model, stored_as=step1.output_dtype
+    )
     if rest_model.is_dir():  # written atomically, so complete: reused by a resumed run
         LOG.info("%s: reusing the %s merge of an earlier run", rest_model, step1.merge_method)
     else:

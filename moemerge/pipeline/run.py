@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from moemerge.calibrate.options import CalibrationOptions
-from moemerge.calibrate.runner import Domain, calibrate
+from moemerge.calibrate.runner import Domain, calibrate, plan_calibration
 from moemerge.checkpoint.lock import folder_lock
 from moemerge.checkpoint.reader import CheckpointError, folder_stamp
 from moemerge.checkpoint.writer import disk_errors
@@ -69,13 +69,16 @@ def run_recipe(
             raise ValueError(f"{out_dir}: output exists; pass --overwrite to replace it")
         recipe_text = Path(recipe_path).read_text()
         work = out_dir.parent / f"{out_dir.name}.work"
-        if stage1 is None:
-            stage1 = str(_stage1(recipe_path, recipe, recipe_text, out_dir, work, overwrite, progress, max_memory))
         section = recipe.calibrate
         options = CalibrationOptions.model_validate(section.model_dump(exclude={"domains"}))
         if max_memory is not None:
             options = options.model_copy(update={"max_memory": max_memory})
         domains = [Domain(source, tuple(files)) for source, files in section.domains.items()]
+        if stage1 is None:
+            # stage 2's plan, from the tensors stage 1 will write: a budget it cannot meet stops the run here
+            reference, dtype = recipe.base_model or recipe.source_paths[0], recipe.output_dtype
+            plan_calibration(reference, domains, options, tokenizer_source=recipe.tokenizer_model, stored_as=dtype)
+            stage1 = str(_stage1(recipe_path, recipe, recipe_text, out_dir, work, overwrite, progress, max_memory))
         files = [str(f) for d in domains for f in d.files]
         key = _inputs_key(recipe_text, [stage1, *(d.source for d in domains)], files)
         scratch = out_dir.parent / f".{out_dir.name}.run-{key[:16]}"
