@@ -39,7 +39,6 @@ ITEM_BYTES |= {"I8": 1, "U8": 1, "BOOL": 1}
 """Bytes per element of each dtype code."""
 
 
-
 def is_float_code(code: str) -> bool:
     """Whether a safetensors dtype code is a floating type (merged, and stored in the output dtype)."""
     return code.startswith(("F", "BF"))
@@ -251,6 +250,15 @@ class CheckpointReader:
         if info.file not in self._handles:
             self._handles[info.file] = safe_open(str(info.file), framework="pt", device=device)
         return self._handles[info.file].get_tensor(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first axis) of one tensor, reading only their bytes."""
+        from safetensors import safe_open
+
+        info = self.info(name)
+        if info.file not in self._handles:
+            self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        return self._handles[info.file].get_slice(name)[start:stop]
 
     def close(self) -> None:
         self._handles.clear()

@@ -88,7 +88,6 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
-
 def _check_configs(base: str, base_cfg: dict[str, Any], other: str, other_cfg: dict[str, Any]) -> None:
     for scope, left, right in _config_scopes(base_cfg, other_cfg):
         for key in COMPATIBILITY_KEYS:

@@ -52,6 +52,11 @@ class MergeMethod:
     arithmetic alone (a weighted sum: NaN * 0 is NaN), so a NaN or Inf in any of them makes the
     output non-finite; the driver then checks the output only, and the inputs only to name the
     culprit (merge/tensors.py). Methods that mask, select or sort values must leave it False.
+    `row_separable`: every output row is computed from the same row of each input alone, element by
+    element, so merging a tensor block of rows by block of rows gives the same bits; the driver then
+    merges large tensors (a 129 K-row embedding) in blocks instead of holding K+1 float32 copies.
+    Methods with a statistic over the whole tensor (a magnitude quantile, a norm, a random mask drawn
+    per tensor, an optimisation) must leave it False.
     """
 
     name: str
@@ -61,6 +66,7 @@ class MergeMethod:
     needs_base: bool
     doc: str
     spreads_non_finite: bool = False
+    row_separable: bool = False
 
     def parse_params(
         self, params: Mapping[str, Any] | None = None, sources: Sequence[Mapping[str, Any]] = ()

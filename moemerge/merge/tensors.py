@@ -1,8 +1,9 @@
 """The stage-1 tensor loop: for each on-disk name read base + K sources, merge, hand to a writer, drop.
 
 At any time the loop holds the K+1 versions of ONE tensor (plus the kernel's temporaries and the
-writer's current shard). `merge_tensors` takes any list of names, so the distributed version
-(`merge/distributed.py`) gives each rank its own subset and writer.
+writer's current shard); with a row-separable method (linear, task arithmetic) the K+1 versions of one
+block of rows of a large tensor, plus that tensor in the output dtype. `merge_tensors` takes any list
+of names, so the distributed version (`merge/distributed.py`) gives each rank its own subset and writer.
 
 Every tensor read and every tensor returned is checked for NaN and Inf (moemerge/finite.py),
 overflow of the output dtype included: the error names the model folder and the tensor. For a
@@ -13,6 +14,7 @@ checks of the cheapest, I/O-bound merges under 5 % of their time (benchmarks/mer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 
     from moemerge.checkpoint.writer import CheckpointWriter
 
+BLOCK_BYTES = 256 * 2**20
+"""Work-dtype bytes of one input above which a row-separable method merges a tensor in blocks of rows."""
+
 RELEASE_BYTES = 64 * 2**20
 """Bytes a reader may read before its memory-mapped shards are closed (see `merge_tensors`)."""
 
@@ -35,9 +40,13 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def merge_tensor(plan: MergePlan, name: str, device: str = "cpu") -> torch.Tensor:
-    """The output tensor of one on-disk name, in the output dtype, on the CPU."""
-    from moemerge.merge.registry import TensorContext
+def merge_tensor(plan: MergePlan, name: str, device: str = "cpu", block_bytes: int = BLOCK_BYTES) -> torch.Tensor:
+    """The output tensor of one on-disk name, in the output dtype, on the CPU.
+
+    With a row-separable method (`MergeMethod.row_separable`) a tensor whose work-dtype copy exceeds
+    `block_bytes` is merged in blocks of rows into the output: the same bits, holding one block per input.
+    """
+    import torch
 
     out_dtype = _torch_dtype(plan.recipe.output_dtype)
     if name in plan.copy_from:
@@ -47,14 +56,31 @@ def merge_tensor(plan: MergePlan, name: str, device: str = "cpu") -> torch.Tenso
         out = tensor.to(out_dtype)
         check_cast(tensor, out, f"tensor {name} copied from {plan.copy_from[name]}")
         return out
-    reference = plan.readers[plan.reference]
-    if not is_float_code(reference.info(name).dtype):
-        return reference.read(name)  # integer buffers (e.g. position ids) are not weights: keep the reference's
+    info = plan.readers[plan.reference].info(name)
+    if not is_float_code(info.dtype):
+        return plan.readers[plan.reference].read(name)  # integer buffers (e.g. position ids) are not weights
     work = _torch_dtype(plan.recipe.work_dtype)
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = math.prod(info.shape[1:]) * work.itemsize
+    if not plan.method.row_separable or rows * row_bytes <= block_bytes or not info.shape:
+        return _merge_rows(plan, name, None, device)
+    out = torch.empty(info.shape, dtype=out_dtype)
+    step = max(block_bytes // max(row_bytes, 1), 1)
+    for start in range(0, rows, step):
+        out[start : start + step] = _merge_rows(plan, name, (start, min(start + step, rows)), device)
+    return out
+
+
+def _merge_rows(plan: MergePlan, name: str, rows: tuple[int, int] | None, device: str) -> torch.Tensor:
+    """The merged rows ``start:stop`` of one floating tensor (all of it for None), in the output dtype."""
+    from moemerge.merge.registry import TensorContext
+
+    work, out_dtype = _torch_dtype(plan.recipe.work_dtype), _torch_dtype(plan.recipe.output_dtype)
     spreads = plan.method.spreads_non_finite  # then the output check covers the inputs the kernel takes
     takes_base = plan.base is not None and plan.method.needs_base  # linear takes none: reading it would be waste
     inputs = ([plan.base] if takes_base else []) + list(plan.sources)
-    tensors = [_read(plan, model, name, check=not spreads).to(device=device, dtype=work) for model in inputs]
+    where = name if rows is None else f"{name} (rows {rows[0]}:{rows[1]})"
+    tensors = [_read(plan, model, name, rows, check=not spreads).to(device=device, dtype=work) for model in inputs]
     base, sources = (tensors[0], tensors[1:]) if takes_base else (None, tensors)
     params, source_params = plan.params[name]
     ctx = TensorContext(name, seed=plan.recipe.seed, is_linear_weight=name in plan.linear_weights)
@@ -64,16 +90,19 @@ def merge_tensor(plan: MergePlan, name: str, device: str = "cpu") -> torch.Tenso
     if not is_finite(out):
         if spreads:  # name the input it came from, if any
             for model in inputs:
-                _read(plan, model, name, check=True)
-        check_cast(merged, out, f"merged tensor {name} ({plan.method.name} of finite inputs)")
+                _read(plan, model, name, rows, check=True)
+        check_cast(merged, out, f"merged tensor {where} ({plan.method.name} of finite inputs)")
     return out
 
 
-def _read(plan: MergePlan, model: str, name: str, check: bool = True) -> torch.Tensor:
-    """One source tensor, refused if it holds NaN or Inf (a merge would spread them silently)."""
-    tensor = plan.readers[model].read(name)
+def _read(
+    plan: MergePlan, model: str, name: str, rows: tuple[int, int] | None = None, check: bool = True
+) -> torch.Tensor:
+    """One source tensor (or its rows ``start:stop``), refused if it holds NaN or Inf (a merge would spread them)."""
+    reader = plan.readers[model]
+    tensor = reader.read(name) if rows is None else reader.read_rows(name, *rows)
     if check:
-        check_finite(tensor, f"{model}: tensor {name}")
+        check_finite(tensor, f"{model}: tensor {name}" + ("" if rows is None else f" (rows {rows[0]}:{rows[1]})"))
     return tensor
 
 

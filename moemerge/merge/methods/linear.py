@@ -45,5 +45,6 @@ METHODS = (
         needs_base=False,
         doc="sum_i w_i theta_i / sum_i w_i (plain weighted sum when normalize is false).",
         spreads_non_finite=True,
+        row_separable=True,
     ),
 )

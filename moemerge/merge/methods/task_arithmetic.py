@@ -129,5 +129,6 @@ METHODS = (
         needs_base=True,
         doc="theta_0 + lambda * sum_i w_i (theta_i - theta_0) [/ sum_i w_i if normalize]. arXiv:2212.04089",
         spreads_non_finite=True,
+        row_separable=True,
     ),
 )
