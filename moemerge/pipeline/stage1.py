@@ -38,8 +38,9 @@ def merge_checkpoints(
     Every check (configs, tensor names, shapes, parameters) runs before anything is written; a
     failure later removes the temporary folder, so `out_dir` is either complete or untouched. A
     killed run resumes from the shards it finished when run again. `max_memory` (``--max-memory``)
-    replaces ``calibrate.max_memory`` for the walk of ``regmean``; a per-tensor merge holds a few copies
-    of one tensor at a time and plans no memory (a warning says so).
+    replaces ``calibrate.max_memory`` for the walk of ``regmean``. A per-tensor merge plans no memory (a
+    warning says so): it holds the output shard being filled (``max_shard_bytes``) and K+1 work-dtype copies of
+    one tensor, or of one block of rows of it with a row-separable method (merge/tensors.py).
     """
     if isinstance(recipe, str | Path):
         recipe_text = recipe_text or Path(recipe).read_text()
@@ -48,7 +49,12 @@ def merge_checkpoints(
     if max_memory is not None and recipe.merge_method == REGMEAN:
         recipe = recipe.model_copy(update={"calibrate": recipe.calibrate.model_copy(update={"max_memory": max_memory})})
     elif max_memory is not None:
-        LOG.warning("--max-memory %s: %s merges tensor by tensor and plans no memory", max_memory, recipe.merge_method)
+        LOG.warning(
+            "--max-memory %s: %s merges tensor by tensor and plans no memory: it holds one output shard "
+            "(--max-shard-size) and K+1 work-dtype copies of one tensor (or of a block of its rows)",
+            max_memory,
+            recipe.merge_method,
+        )
     out_dir = Path(out_dir)
     with folder_lock(out_dir):  # a second run into `out_dir` is refused, naming this one
         return _merge_locked(recipe, out_dir, overwrite, device, max_shard_bytes, progress, recipe_text)
