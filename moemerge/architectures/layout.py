@@ -134,6 +134,20 @@ def disk_names(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> dict
     return result
 
 
+def embedding_disk_names(model: PreTrainedModel) -> tuple[frozenset[str], frozenset[str]]:
+    """On-disk names of the input embedding's parameters and of the output head's, read off the (meta) model.
+
+    With tied weights the head's names are the embedding's; a model without an output head has none.
+    """
+    module_names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        prefix = module_names[id(module)] if module is not None else None
+        tensors = {f"{prefix}.{n}": p for n, p in module.named_parameters(recurse=False)} if module is not None else {}
+        found.append(frozenset(disk_names(model, tensors).values()))
+    return found[0], found[1]
+
+
 @dataclass(frozen=True)
 class ExpertPiece:
     """Rows [start, stop) of one expert's matrix in a fused in-memory tensor, stored on disk as tensor `name`."""

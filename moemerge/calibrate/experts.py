@@ -144,7 +144,7 @@ class SourceWalk:
         _check_config(path, layout.config, calibrator.layout.config)
         self.name = path
         self.walker = LayerWalker(
-            path, layout, dtype=calibrator.dtype, device=str(calibrator.walker.device), experts="lazy"
+            path, layout, dtype=calibrator.dtype, device=str(calibrator.walker.device), experts="lazy", head=False
         )
         self.batches = batches
         store = getattr(calibrator, "hidden_device", torch.device("cpu"))

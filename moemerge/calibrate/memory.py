@@ -5,7 +5,8 @@ size, E experts, K domains, T_i the padded and N_i the real tokens of domain i o
 (T = sum T_i, N = sum N_i, T_max, N_max the largest domain), s the storage bytes of an activation
 (``activation_dtype``), f the forward bytes (``forward_dtype``), c the solver's work bytes:
 
-    resident     embeddings, final norm, output head:         numbers outside the layers x f
+    resident     what the walk holds outside the layers:      their numbers x f, without the output head (never
+                 computed) and the input embedding (each batch's rows are read from disk), walk.py
     layer        the largest decoder layer as the walk holds it: its numbers x f; with a bank (below),
                  its numbers outside the routed experts x f, plus the experts' on-disk bytes X
     cast         with a bank, a group of experts read and cast for the forward (about 256 MB in f,
@@ -107,7 +108,7 @@ from moemerge.calibrate.fused_experts import MATRICES, FusedExperts, banks_exper
 from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, RouterSolveOptions
 from moemerge.calibrate.preconditioners import FALLBACK_ORDER, choose_preconditioner, required_bytes, resolve_auto
 from moemerge.calibrate.regmean_sums import RegMeanSums
-from moemerge.calibrate.walk import LAYER_INDEX
+from moemerge.calibrate.walk import LAYER_INDEX, not_held
 from moemerge.checkpoint.reader import CheckpointReader, is_float_code
 from moemerge.data import pack
 from moemerge.distributed import assign_shards
@@ -291,6 +292,8 @@ class ModelShape:
         per_layer: dict[int, int] = {}
         disk_per_layer: dict[int, int] = {}
         resident = 0
+        model = build_meta_model(layout.config)
+        skipped = not_held(model)  # the output head, and the embedding read by rows (walk.py)
         for name in reader.names():
             info = reader.info(name)
             match = LAYER_INDEX.search(name)
@@ -298,9 +301,8 @@ class ModelShape:
                 index = int(match.group(1))
                 per_layer[index] = per_layer.get(index, 0) + math.prod(info.shape)
                 disk_per_layer[index] = disk_per_layer.get(index, 0) + disk_bytes(name)
-            else:
+            elif name not in skipped:
                 resident += math.prod(info.shape)
-        model = build_meta_model(layout.config)
         layers = model.get_submodule(layout.layers_module)
         banked, expert_disk = False, 0
         try:
@@ -510,7 +512,7 @@ def _estimate(
     converted, bank = shape.converted_numbers * f, shape.layer_bytes(f) - shape.converted_numbers * f
     cast = shape.expert_cast_bytes(f)
     terms: list[_Term] = [
-        ("resident (embeddings, head)", work, dict.fromkeys(_PHASES, resident)),
+        ("outside the layers (final norm)", work, dict.fromkeys(_PHASES, resident)),
         (
             "one decoder layer" + (" (experts: see bank)" if shape.banked else ""),
             work,

@@ -243,7 +243,7 @@ class Calibrator:
         self.storage = getattr(torch, options.activation_dtype)
         self.hidden_device = torch.device("cpu") if self.plan.hidden_on == "host" else self.ranks.device
         self.walker = LayerWalker(  # experts in a bank, once, in their storage dtype (RegMean rewrites them)
-            merged, self.layout, dtype=self.dtype, device=str(self.ranks.device), experts="resident"
+            merged, self.layout, dtype=self.dtype, device=str(self.ranks.device), experts="resident", head=False
         )
         self.domains = []
         for domain, calibration in zip(domains, calibrations, strict=True):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from moemerge.architectures.layout import ModelLayout, disk_names, expert_pieces
+from moemerge.architectures.layout import ModelLayout, embedding_disk_names, expert_pieces
 from moemerge.calibrate.fused_experts import MATRICES, ExpertBank, banks_experts, install_bank, remove_bank
 from moemerge.checkpoint.reader import SAFETENSORS_DTYPES, CheckpointReader
 
@@ -121,6 +121,21 @@ ExpertsHeld = Literal["convert", "resident", "lazy"]
 dtype), in a resident bank (storage dtype, once), or in a lazy bank (read from disk when used)."""
 
 
+def embedding_read_by_rows(model: PreTrainedModel) -> str | None:
+    """On-disk name of the input embedding when a walk without the output head can read it by rows
+    (:meth:`LayerWalker._embed`: one ``weight`` looked up by token id), else None (it is loaded whole)."""
+    embedding, _ = embedding_disk_names(model)
+    params = dict(model.get_input_embeddings().named_parameters(recurse=False))
+    return next(iter(embedding)) if len(embedding) == 1 and list(params) == ["weight"] else None
+
+
+def not_held(model: PreTrainedModel) -> frozenset[str]:
+    """On-disk tensors outside the layers that a walk without the output head does not hold: the head (unless
+    tied to the embedding), and the embedding where it is read by rows."""
+    embedding, head = embedding_disk_names(model)
+    return embedding | head if embedding_read_by_rows(model) else head - embedding
+
+
 class LayerWalker:
     """One checkpoint, run layer by layer: embeddings, per-layer inputs, one materialised layer at a time."""
 
@@ -132,7 +147,10 @@ class LayerWalker:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         experts: ExpertsHeld = "convert",
+        head: bool = True,
     ):
+        """``head=False`` (the calibration walk, which never computes logits): the output head is not loaded and
+        the input embedding is not held either; each batch's rows of it are read from disk (:meth:`_embed`)."""
         self.layout = layout
         self.experts = experts
         self.dtype = dtype
@@ -149,8 +167,9 @@ class LayerWalker:
                 self._by_layer.setdefault(int(match.group(1)), []).append(name)
             else:
                 outside.append(name)
-        self._outside = outside
-        self._load(outside)
+        self._embedding = None if head else embedding_read_by_rows(self.model)
+        skipped = frozenset() if head else not_held(self.model)
+        self._load([name for name in outside if name not in skipped])
         self.model.tie_weights()  # a tied output head shares the embedding just loaded
         self._to_device(self.model)
 
@@ -177,11 +196,19 @@ class LayerWalker:
             if bars:
                 hf_logging.enable_progress_bar()
 
-    def output_head_names(self) -> list[str]:
-        """On-disk names of the output head's tensors (absent when tied to the embeddings)."""
-        head = self.model.get_output_embeddings()
-        names = {n: p for n, p in self.model.named_parameters() if any(p is q for q in head.parameters())}
-        return [d for d in disk_names(self.model, names).values() if d in self.reader]
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of a batch, from a table of only the rows it uses (read from the memory-mapped
+        checkpoint): the embedding module's own forward (any scaling included), on ids renumbered into that
+        table, so the values are those of the whole table converted to the forward dtype."""
+        module = self.model.get_input_embeddings()
+        used, renumbered = torch.unique(input_ids, return_inverse=True)
+        rows = self.reader.read(self._embedding)[used].to(self.device, self.dtype)
+        whole = module._parameters["weight"]
+        module._parameters["weight"] = torch.nn.Parameter(rows, requires_grad=False)
+        try:
+            return module(renumbered.to(self.device))
+        finally:
+            module._parameters["weight"] = whole
 
     def layer_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
         """(hidden states, keyword arguments) the model passes into each decoder layer for this batch.
@@ -195,8 +222,9 @@ class LayerWalker:
             self.layers[index] = _Recorder(layer, sink, index)
         try:
             with torch.no_grad():
+                tokens = {"inputs_embeds": self._embed(input_ids)} if self._embedding else {"input_ids": input_ids}
                 self.base(
-                    input_ids=input_ids.to(self.device),
+                    **{k: v.to(self.device) for k, v in tokens.items()},
                     attention_mask=attention_mask.to(self.device),
                     use_cache=False,
                 )
@@ -273,5 +301,7 @@ class LayerWalker:
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last layer's output: the model's final norm, then its output head."""
+        if self._embedding is not None:
+            raise ValueError(f"{self.reader.model_dir}: walked without its output head (head=False): no logits")
         norm = self.base.norm
         return self.model.get_output_embeddings()(norm(hidden))

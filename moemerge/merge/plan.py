@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moemerge.architectures.layout import build_meta_model, disk_names, load_layout
+from moemerge.architectures.layout import build_meta_model, embedding_disk_names, load_layout
 from moemerge.checkpoint.reader import CheckpointReader, is_float_code
 from moemerge.merge.recipe import MergeRecipe, resolve_parameters
 from moemerge.merge.registry import MergeMethod, Params, get_method
@@ -139,15 +139,8 @@ def _embedding_names(reference: str) -> frozenset[str]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(reference, trust_remote_code=False)
-    model = build_meta_model(config)
-    module_names = {id(m): n for n, m in model.named_modules()}
-    tensors = {}
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is None:
-            continue
-        prefix = module_names[id(module)]
-        tensors |= {f"{prefix}.{n}": p for n, p in module.named_parameters(recurse=False)}
-    return frozenset(disk_names(model, tensors).values())
+    embedding, head = embedding_disk_names(build_meta_model(config))
+    return embedding | head
 
 
 def _router_copies(recipe: MergeRecipe, reference: str, names: Sequence[str]) -> dict[str, str]:
