@@ -43,6 +43,12 @@ def test_operator_matches_dense_definition(kind, bias, gamma):
     torch.testing.assert_close(system.rhs(), rhs, rtol=1e-12, atol=1e-12)
     # the right-hand side's term comes from the curvature sweep, not from an operator pass
     torch.testing.assert_close(dom.source_image(), dom.apply(dom.source), rtol=1e-12, atol=1e-12)
+    # a start point's image comes from the same sweep, and the system's from the blend
+    started = DomainCurvature(X, W, b, kind=kind, dtype=torch.float64, batch_size=13, start=V)
+    torch.testing.assert_close(started.start_image(), (A @ V.reshape(-1)).reshape(E, dim), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(started.source_image(), dom.source_image(), rtol=1e-12, atol=1e-12)
+    start_image = HarcSystem([started], gamma).start_image()
+    torch.testing.assert_close(start_image, (Ag @ V.reshape(-1)).reshape(E, dim), rtol=1e-12, atol=1e-12)
 
 
 def test_system_weights_domains_equally_and_sums_them():
@@ -122,13 +128,15 @@ def test_every_token_sum_goes_through_reduce():
         assert t.dtype == torch.float64
         return 2 * t
 
-    plain = DomainCurvature(X, W, b, dtype=torch.float64)
-    hooked = DomainCurvature(X, W, b, dtype=torch.float64, reduce=doubling)
+    plain = DomainCurvature(X, W, b, dtype=torch.float64, start=V)
+    hooked = DomainCurvature(X, W, b, dtype=torch.float64, reduce=doubling, start=V)
     assert hooked.num_tokens == 2 * N
-    for method in ("diagonal", "source_image", "blocks", "expert_factor", "input_gram"):
+    for method in ("diagonal", "source_image", "start_image", "blocks", "expert_factor", "input_gram"):
         torch.testing.assert_close(getattr(hooked, method)(), getattr(plain, method)())
     empty = torch.zeros(E, D + 1, D + 1, dtype=torch.float64)
     torch.testing.assert_close(hooked.grouped_blocks(empty.clone()), plain.grouped_blocks(empty.clone()))
+    torch.testing.assert_close(hooked.grouped_blocks(empty.clone(), 2), plain.grouped_blocks(empty.clone(), 2))
+    torch.testing.assert_close(hooked.input_gram(2), plain.input_gram(2))
     torch.testing.assert_close(hooked.apply(V), plain.apply(V))
     assert len(calls) >= 6
 
@@ -143,3 +151,14 @@ def test_rejects_bad_shapes():
         DomainCurvature(X, W, kind="relu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="V must be"):
         DomainCurvature(X, W).apply(torch.zeros(E, D + 1))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_input_gram_from_every_stride_th_token(bias, stride):
+    """Batches that do not divide by the stride still pick tokens 0, s, 2s, ... of the domain."""
+    X, W, b, _ = _problem(8, "softmax", bias)
+    dom = DomainCurvature(X, W, b, dtype=torch.float64, batch_size=13)
+    Xe = torch.cat([X, torch.ones(N, 1, dtype=X.dtype)], 1) if bias else X
+    sub = Xe[::stride]
+    torch.testing.assert_close(dom.input_gram(stride), sub.T @ sub / len(sub), rtol=1e-12, atol=1e-12)

@@ -10,9 +10,11 @@ from moemerge.calibrate.cg import conjugate_gradient
 from moemerge.calibrate.operator import DomainCurvature, HarcSystem
 from moemerge.calibrate.preconditioners import (
     AUTO_GROUPED_MAX_SIZE,
+    GRAM_SUBSAMPLE_MIN_TOKENS_PER_DIM,
     _shift_space_inverse,
     build_preconditioner,
     choose_preconditioner,
+    gram_stride,
     required_bytes,
 )
 from moemerge.calibrate.solve import RouterSolveOptions, solve_router
@@ -106,7 +108,9 @@ def test_float32_default_meets_tolerance_on_true_residual():
         assert sol.weight.dtype == torch.float32
         true = (torch.linalg.norm(rhs - A @ sol.weight.double().reshape(-1)) / torch.linalg.norm(rhs)).item()
         assert sol.stats.converged and sol.stats.relative_residual <= 1e-6
-        assert true == pytest.approx(sol.stats.relative_residual, rel=0.05, abs=1e-7)
+        # The reported residual comes from the float32 operator, whose rounding is ~1e-7 of ||b||
+        # (40 seeds x 5 preconditioners: median 2e-8, largest 1.2e-7 in both token layouts).
+        assert true == pytest.approx(sol.stats.relative_residual, rel=0.05, abs=1.5e-7)
         assert _rel(sol.weight.double(), expected) < 1e-3
 
 
@@ -289,10 +293,24 @@ def test_auto_is_grouped_for_narrow_routers_and_kronecker_for_wide_ones():
     assert choose_preconditioner("auto", 8, 65, torch.float32, budget) == "kronecker"
 
 
+def test_gram_stride_follows_the_fewest_tokens_per_dimension():
+    """Every second token only where every domain has enough tokens for the input dimension."""
+    g = torch.Generator().manual_seed(30)
+    W = torch.randn(E, D, generator=g, dtype=torch.float64)
+    enough = GRAM_SUBSAMPLE_MIN_TOKENS_PER_DIM * D
+    for counts, stride in (((enough, enough + 5), 2), ((enough, enough - 1), 1)):
+        doms = [DomainCurvature(torch.randn(n, D, generator=g, dtype=torch.float64), W) for n in counts]
+        assert gram_stride(HarcSystem(doms, 0.9)) == stride
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_grouped_blocks_match_their_definition(kind, bias):
-    """Groups = tokens by their expert of largest curvature; block_e = sum_g mean_g(h_e) sum_g x x^T, rescaled."""
+@pytest.mark.parametrize("stride", [1, 3])
+def test_grouped_blocks_match_their_definition(kind, bias, stride):
+    """Groups = tokens by their expert of largest curvature; block_e = sum_g mean_g(h_e) sum_g x x^T, rescaled.
+
+    With a stride the groups are formed from every stride-th token only; the diagonal stays exact.
+    """
     X, W, _, b, _ = _problem(24, bias=bias)
     gamma = 0.8
     doms = [
@@ -310,17 +328,18 @@ def test_grouped_blocks_match_their_definition(kind, bias):
         else:
             p = torch.softmax(logits, 1)
             h = p * (1 - p)
+        exact_diagonal = exact_diagonal + h.T @ (Xe * Xe) / len(Xe)
+        sub, h = Xe[::stride], h[::stride]
         group = h.argmax(1)
         for g in group.unique().tolist():
-            rows = Xe[group == g]
-            expected += h[group == g].mean(0)[:, None, None] * (rows.T @ rows) / len(Xe)
-        exact_diagonal = exact_diagonal + h.T @ (Xe * Xe) / len(Xe)
+            rows = sub[group == g]
+            expected += h[group == g].mean(0)[:, None, None] * (rows.T @ rows) / len(sub)
     torch.testing.assert_close(system.unblended_diagonal(), exact_diagonal)
     scale = (exact_diagonal / torch.diagonal(expected, dim1=1, dim2=2)).sqrt()
     expected = expected * scale[:, :, None] * scale[:, None, :]
     a, c = gamma, 1 - gamma
     expected = a * expected + c * torch.diag_embed(exact_diagonal)
-    got = system.grouped_blocks()
+    got = system.grouped_blocks(stride)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # the blended block's diagonal is the exact diagonal of the blended operator
     torch.testing.assert_close(torch.diagonal(got, dim1=1, dim2=2), system.diagonal(), rtol=1e-12, atol=1e-14)

@@ -11,6 +11,8 @@ purpose:
   residual is always the true one at the returned solution;
 - a start point that already meets the tolerance returns after 0 iterations, and so does b = 0
   (the start point is returned; there is nothing to fit);
+- the start point's image A x0 may be passed in when the caller has it (HARC's statistics sweep
+  computes it with the right-hand side), which saves the first operator application;
 - singular systems (gamma = 1): with ``project`` (the orthogonal projector that removes the known
   null space, see :meth:`HarcSystem.null_space_projector`) CG runs in that projector's range:
   the preconditioned residual is projected (preconditioner Π M^{-1} Π, positive definite on the
@@ -73,6 +75,7 @@ def conjugate_gradient(
     max_iter: int = 1000,
     dtype: torch.dtype = torch.float32,
     residual_refresh: int = 50,
+    start_image: Tensor | None = None,
 ) -> CGResult:
     """Preconditioned CG for ``apply(w) = b`` from ``x0``.
 
@@ -88,6 +91,7 @@ def conjugate_gradient(
         max_iter: most search directions.
         dtype: dtype of the CG vectors and dot products.
         residual_refresh: replace the recursive residual by the true one this often.
+        start_image: A x0 if already known (x0 as rounded to ``dtype``); None: computed here.
     """
     start = time.perf_counter()
     name = getattr(preconditioner, "name", "none" if preconditioner is None else "custom")
@@ -112,8 +116,8 @@ def conjugate_gradient(
         )
         return CGResult(w, iterations, residual, converged, name, seconds)
 
-    def true_residual(w: Tensor) -> tuple[Tensor, float]:
-        r64 = b64 - apply(w).to(torch.float64)
+    def true_residual(w: Tensor, image: Tensor | None = None) -> tuple[Tensor, float]:
+        r64 = b64 - (apply(w) if image is None else image).to(torch.float64)
         norm = torch.linalg.vector_norm(r64).item()
         return r64.to(dtype), norm / b_norm if b_norm > 0 else norm
 
@@ -121,10 +125,10 @@ def conjugate_gradient(
         logger.warning(
             "right-hand side is zero: every source router is in its curvature's null space; returning the start point"
         )
-        return result(x0.clone(), 0, true_residual(x0)[1])
+        return result(x0.clone(), 0, true_residual(x0, start_image)[1])
 
     w = x0.clone()
-    r, relative = true_residual(w)
+    r, relative = true_residual(w, start_image)
     if relative <= tol:
         return result(w, 0, relative)
 

@@ -109,23 +109,28 @@ def solve_router(
     device = activations[0].device
     biases: Sequence[Tensor | None] = [None] * len(activations) if source_biases is None else source_biases
 
+    x0 = _start_point(options.init, source_weights, merged_weight, biases, merged_bias, device)
+    x0 = x0.to(dtype).to(torch.float64)  # CG works in dtype: the image below is that of the rounded point
+    fold_start = options.init != "zero"  # A(0) = 0 needs no products
     domains = [
-        DomainCurvature(X, W, b, kind=kind, dtype=dtype, batch_size=options.batch_size, reduce=reduce)
+        DomainCurvature(
+            X,
+            W,
+            b,
+            kind=kind,
+            dtype=dtype,
+            batch_size=options.batch_size,
+            reduce=reduce,
+            start=x0 if fold_start else None,
+        )
         for X, W, b in zip(activations, source_weights, biases, strict=True)
     ]
     system = HarcSystem(domains, options.gamma)
     rhs = system.rhs()
+    start_image = system.start_image() if fold_start else torch.zeros_like(x0)
     preconditioner = build_preconditioner(
         system, options.preconditioner, dtype=dtype, memory_budget_bytes=options.memory_budget_bytes
     )
-    if options.init == "merged":
-        x0 = merged_weight.to(device=device, dtype=torch.float64)
-        if merged_bias is not None:
-            x0 = torch.cat([x0, merged_bias.to(device=device, dtype=torch.float64)[:, None]], dim=1)
-    elif options.init == "zero":
-        x0 = torch.zeros(system.shape, dtype=torch.float64, device=device)
-    else:
-        x0 = torch.stack([dom.source for dom in domains]).mean(dim=0)
     setup_seconds = time.perf_counter() - start
 
     result = conjugate_gradient(
@@ -137,6 +142,7 @@ def solve_router(
         tol=options.tol,
         max_iter=options.max_iter,
         dtype=dtype,
+        start_image=start_image,
     )
     d = activations[0].shape[1]
     weight = result.solution[:, :d].contiguous()
@@ -151,6 +157,30 @@ def solve_router(
         cg_seconds=result.seconds,
     )
     return RouterSolution(weight=weight, bias=bias, stats=stats)
+
+
+def _start_point(
+    init: str,
+    source_weights: Sequence[Tensor],
+    merged_weight: Tensor,
+    biases: Sequence[Tensor | None],
+    merged_bias: Tensor | None,
+    device: torch.device,
+) -> Tensor:
+    """The CG start point in float64, E x dim: the merged router, zero, or the sources' average."""
+
+    def with_bias(weight: Tensor, bias: Tensor | None) -> Tensor:
+        weight = weight.to(device=device, dtype=torch.float64)
+        if bias is None:
+            return weight
+        return torch.cat([weight, bias.to(device=device, dtype=torch.float64)[:, None]], dim=1)
+
+    if init == "merged":
+        return with_bias(merged_weight, merged_bias)
+    sources = torch.stack([with_bias(W, b) for W, b in zip(source_weights, biases, strict=True)])
+    if init == "zero":
+        return torch.zeros_like(sources[0])
+    return sources.mean(dim=0)
 
 
 def _check_inputs(
