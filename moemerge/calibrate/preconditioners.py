@@ -26,7 +26,8 @@ and ``auto``, the default: ``grouped`` for narrow routers (:data:`AUTO_GROUPED_M
   (:meth:`DomainCurvature.grouped_blocks`), scaled symmetrically to the exact diagonal and blended
   at gamma like ``block``; Cholesky per expert and the shift-space correction below. Unlike
   ``kronecker``'s one pooled factor, every expert's block sees which domains and which tokens it
-  serves. About one Gram to build (as ``kronecker``) plus E d^3 / 3 for the factors and E d^2
+  serves. About one Gram to build (as ``kronecker``; both from every second token where
+  :func:`gram_stride` allows) plus E d^3 / 3 for the factors and E d^2
   numbers read per application, which is what limits it to narrow routers; E*d^2 numbers. On
   the shipped OLMoE specialists (E 8, d 64) CG needs 8-9 iterations against kronecker's 12-14 and
   block's 6-7.
@@ -87,9 +88,10 @@ AUTO_GROUPED_MAX_SIZE = 4096
 ``grouped`` reads its E dim x dim factors at every iteration and combines E group Grams per
 domain into them when built; both grow like E dim^2 against an operator pass's N dim, so it pays
 only for narrow routers. Measured (docs/CALIBRATION.md, "Solver"): on the shipped specialists
-(E 8, d 64) it took 0.23-0.35 of Jacobi's time where kronecker took 0.35-0.49 (softmax, gamma 0.9)
-and 0.27-0.46 against 0.33-0.41 (sigmoid); synthetic E 16, d 256 about even (softmax) or worse
-(sigmoid, 8 iterations either way); synthetic E 64, d 512 twice kronecker's time (19 against 29
+(E 8, d 64, gamma 0.9, both Grams from every second token) it took 0.29-0.33 of Jacobi's time
+where kronecker took 0.29-0.43 (softmax); for the sigmoid family kronecker was as fast or faster
+(0.26-0.36 against 0.30-0.39), as on the synthetic E 16, d 256 sigmoid job (8 iterations either
+way; softmax about even there); synthetic E 64, d 512 twice kronecker's time (19 against 29
 iterations, but set-up and per-iteration solves cost more than the 10 iterations saved).
 """
 
