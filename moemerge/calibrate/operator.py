@@ -16,8 +16,9 @@ matrix products:
 
 Per-token quantities are kept experts-first (E x n): the softmax and the reductions over a
 token's E experts then run along contiguous rows of n tokens, and the second product reads HZ
-contiguously. Tokens-first (n x E) took twice as long per pass at E 8, d 64 (a softmax over 8
-contiguous numbers per token is 8x slower than over 8 rows of n) and the same at E 64, d 2048.
+contiguously. Tokens-first (n x E) took 1.3-1.7x as long per pass at E 8, d 64 (a softmax over
+8 contiguous numbers per token is 8x slower than over 8 rows of n) and within 2% of it at E 64 and
+E 128, d 2048 (docs/CALIBRATION.md, "Operator and preconditioner cost per iteration").
 
 Router kinds and their curvature H(x) (the Hessian, at W = W_i, of the divergence that the
 calibrated router should keep small):
