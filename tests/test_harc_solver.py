@@ -276,16 +276,18 @@ def test_shift_space_correction_inverts_the_operator_on_row_shifts():
     torch.testing.assert_close(correction(A_shift), shift)
 
 
-def test_auto_is_grouped_for_narrow_routers_and_kronecker_for_wide_ones():
+def test_auto_is_grouped_for_narrow_softmax_routers_and_kronecker_otherwise():
     X, W, merged, b, merged_b = _problem(23, bias=True)
-    for kind in ("softmax", "sigmoid"):
+    for kind, expected in (("softmax", "grouped"), ("topk_softmax", "grouped"), ("sigmoid", "kronecker")):
         options = RouterSolveOptions(**EXACT)
         sol = solve_router(X, W, merged, kind=kind, source_biases=b, merged_bias=merged_b, options=options)
-        assert sol.stats.requested_preconditioner == "auto" and sol.stats.preconditioner == "grouped"
+        assert sol.stats.requested_preconditioner == "auto" and sol.stats.preconditioner == expected
         assert sol.stats.converged
     narrow = AUTO_GROUPED_MAX_SIZE // 64
     assert choose_preconditioner("auto", 64, narrow, torch.float32, None) == "grouped"
+    assert choose_preconditioner("auto", 64, narrow, torch.float32, None, "sigmoid") == "kronecker"
     assert choose_preconditioner("auto", 64, narrow + 1, torch.float32, None) == "kronecker"
+    assert required_bytes("auto", 8, 65, torch.float32, "sigmoid") == required_bytes("kronecker", 8, 65, torch.float32)
     assert required_bytes("auto", 64, 2049, torch.float32) == required_bytes("kronecker", 64, 2049, torch.float32)
     assert required_bytes("auto", 8, 65, torch.float32) == required_bytes("grouped", 8, 65, torch.float32)
     budget = required_bytes("kronecker", 8, 65, torch.float32)

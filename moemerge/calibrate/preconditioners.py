@@ -2,8 +2,9 @@
 
 Five choices, from cheapest to strongest (costs in units of one operator application over all
 calibration tokens, for E experts and input size d; iteration counts from benchmarks/harc_cg.py),
-and ``auto``, the default: ``grouped`` for narrow routers (:data:`AUTO_GROUPED_MAX_SIZE`),
-``kronecker`` otherwise (measured side by side in docs/CALIBRATION.md, "Solver"):
+and ``auto``, the default: ``grouped`` for narrow softmax-kind routers
+(:data:`AUTO_GROUPED_MAX_SIZE`), ``kronecker`` otherwise, sigmoid routers included (measured side
+by side in docs/CALIBRATION.md, "Solver"):
 
 - ``none``: M = I.
 - ``diagonal`` (Jacobi, the authors' option): M = diag of the gamma-blended operator, exact, summed
@@ -83,16 +84,18 @@ FALLBACK_ORDER: tuple[PreconditionerName, ...] = ("block", "grouped", "kronecker
 """Strongest first; a preconditioner over the memory budget falls back to the next one that fits."""
 
 AUTO_GROUPED_MAX_SIZE = 4096
-"""``auto`` uses ``grouped`` for routers of at most this many parameters E x dim, else ``kronecker``.
+"""``auto`` uses ``grouped`` for softmax-kind routers of at most this many parameters E x dim, else ``kronecker``.
 
 ``grouped`` reads its E dim x dim factors at every iteration and combines E group Grams per
 domain into them when built; both grow like E dim^2 against an operator pass's N dim, so it pays
 only for narrow routers. Measured (docs/CALIBRATION.md, "Solver"): on the shipped specialists
 (E 8, d 64, gamma 0.9, both Grams from every second token) it took 0.29-0.33 of Jacobi's time
-where kronecker took 0.29-0.43 (softmax); for the sigmoid family kronecker was as fast or faster
-(0.26-0.36 against 0.30-0.39), as on the synthetic E 16, d 256 sigmoid job (8 iterations either
-way; softmax about even there); synthetic E 64, d 512 twice kronecker's time (19 against 29
-iterations, but set-up and per-iteration solves cost more than the 10 iterations saved).
+where kronecker took 0.29-0.43 (softmax). For the sigmoid family kronecker is faster on every
+layer (9 rounds in one process: 0.26-0.35 against 0.31-0.40 at gamma 0.9, 0.16-0.26 against
+0.18-0.34 at gamma 1; the same iterations +-1 for a cheaper set-up), as on the synthetic E 16,
+d 256 sigmoid job (8 iterations either way), so sigmoid routers get kronecker at every size.
+Softmax at synthetic E 16, d 256: about even; E 64, d 512: grouped twice kronecker's time (19
+against 29 iterations, but set-up and per-iteration solves cost more than the 10 iterations saved).
 """
 
 GRAM_SUBSAMPLE_MIN_TOKENS_PER_DIM = 96
@@ -134,18 +137,25 @@ def gram_stride(system: HarcSystem) -> int:
     return 2 if fewest >= GRAM_SUBSAMPLE_MIN_TOKENS_PER_DIM * system.dim else 1
 
 
-def resolve_auto(name: PreconditionerName, num_experts: int, dim: int) -> PreconditionerName:
-    """What ``auto`` stands for at this router size (:data:`AUTO_GROUPED_MAX_SIZE`); other names unchanged."""
+def resolve_auto(name: PreconditionerName, num_experts: int, dim: int, kind: str = "softmax") -> PreconditionerName:
+    """What ``auto`` stands for at this router size and kind (:data:`AUTO_GROUPED_MAX_SIZE`); other names unchanged.
+
+    Without the kind (the memory planner) a narrow router is taken as softmax, whose ``grouped``
+    needs more memory than ``kronecker``, so the plan errs on the safe side.
+    """
     if name != "auto":
         return name
-    return "grouped" if num_experts * dim <= AUTO_GROUPED_MAX_SIZE else "kronecker"
+    narrow = num_experts * dim <= AUTO_GROUPED_MAX_SIZE
+    return "grouped" if narrow and kind != "sigmoid" else "kronecker"
 
 
-def required_bytes(name: PreconditionerName, num_experts: int, dim: int, dtype: torch.dtype) -> int:
+def required_bytes(
+    name: PreconditionerName, num_experts: int, dim: int, dtype: torch.dtype, kind: str = "softmax"
+) -> int:
     """Peak bytes a preconditioner's state needs beyond the operator itself (float64 sums + factors)."""
     item = torch.empty((), dtype=dtype).element_size()
     per_number = 8 + item
-    name = resolve_auto(name, num_experts, dim)
+    name = resolve_auto(name, num_experts, dim, kind)
     if name == "none":
         return 0
     if name == "diagonal":
@@ -165,14 +175,15 @@ def choose_preconditioner(
     dim: int,
     dtype: torch.dtype,
     memory_budget_bytes: int | None,
+    kind: str = "softmax",
 ) -> PreconditionerName:
     """The requested preconditioner if it fits the budget, else the best weaker one that does.
 
-    ``auto`` is first resolved by size (:func:`resolve_auto`); the answer is never ``auto``.
+    ``auto`` is first resolved by size and router kind (:func:`resolve_auto`); the answer is never ``auto``.
     """
     if requested not in PRECONDITIONERS:
         raise ValueError(f"unknown preconditioner {requested!r}; expected one of {PRECONDITIONERS}")
-    requested = resolve_auto(requested, num_experts, dim)
+    requested = resolve_auto(requested, num_experts, dim, kind)
     if memory_budget_bytes is None:
         return requested
     for name in FALLBACK_ORDER[FALLBACK_ORDER.index(requested) :]:
@@ -200,7 +211,7 @@ def build_preconditioner(
     memory_budget_bytes: int | None = None,
 ) -> Preconditioner:
     """Build M^{-1} for ``system``; ``dtype`` is the dtype of the CG vectors it will receive."""
-    used = choose_preconditioner(name, system.num_experts, system.dim, dtype, memory_budget_bytes)
+    used = choose_preconditioner(name, system.num_experts, system.dim, dtype, memory_budget_bytes, system.kind)
     if used == "none":
         return Preconditioner("none", lambda R: R)
     if used == "diagonal":
