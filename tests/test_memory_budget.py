@@ -10,13 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import make_specialists
 
 import moemerge.calibrate.memory as memory
 from moemerge.architectures.layout import load_layout
-from moemerge.calibrate.memory import AVAILABLE_SHARE, MemoryBudget, ModelShape, host_available, parse_budget
+from moemerge.architectures.tiny import save_tiny_model
+from moemerge.calibrate.memory import (
+    AVAILABLE_SHARE,
+    MemoryBudget,
+    ModelShape,
+    host_available,
+    parse_budget,
+    plan_memory,
+    solver_bytes,
+)
 from moemerge.calibrate.options import CalibrationOptions
+from moemerge.calibrate.preconditioners import required_bytes, resolve_auto
 from moemerge.calibrate.runner import Calibrator, Domain, plan_calibration
 from moemerge.checkpoint.reader import CheckpointReader
 from moemerge.cli import main
@@ -109,3 +120,23 @@ def test_plan_before_stage_1_equals_the_plan_of_its_output(setup: dict, tmp_path
     options = CalibrationOptions(experts=True, batch_tokens=256, max_memory="unlimited")
     before = plan_calibration(base, _domains(setup), options, stored_as="bfloat16")
     assert before.describe() == Calibrator(stage1, _domains(setup), options, tmp_path / "work").plan.describe()
+
+
+@pytest.mark.parametrize("family", ["olmoe", "glm4_moe"])
+def test_plan_counts_the_preconditioner_auto_picks_for_the_router_kind(family: str, tmp_path: Path) -> None:
+    """A narrow softmax router's ``auto`` is ``grouped``, a sigmoid router's ``kronecker``: the plan's solver term
+    is that one's memory, as the solve will use it."""
+    path = save_tiny_model(family, tmp_path / family, num_hidden_layers=2)
+    shape = ModelShape.of(load_layout(path), CheckpointReader(path))
+    assert shape.router_kind == ("sigmoid" if family == "glm4_moe" else "softmax")
+    options = CalibrationOptions(max_memory="unlimited")
+    lengths = [[32] * 4, [32] * 3]
+    plan = plan_memory(shape, lengths, options, parse_budget("unlimited", "cpu"))
+    dim, tokens = shape.hidden + 1, sum(map(sum, lengths))
+    picked = resolve_auto("auto", shape.experts, dim, shape.router_kind)
+    assert picked == ("kronecker" if family == "glm4_moe" else "grouped")
+    solver = dict((what, size) for what, size, _ in plan.parts)["solver (auto)"]
+    assert solver == solver_bytes(tokens, shape.experts, dim, 2, options.harc, "auto", shape.router_kind)
+    assert required_bytes("auto", shape.experts, dim, torch.float32, shape.router_kind) == required_bytes(
+        picked, shape.experts, dim, torch.float32
+    )

@@ -240,6 +240,8 @@ class ModelShape:
     rather than converting them with the layer."""
     expert_disk_bytes: int = 0
     """On-disk bytes of one MoE layer's routed experts (what a resident bank holds)."""
+    router_kind: str = "softmax"
+    """How the routers score experts (``RouterKind``): ``auto`` picks its preconditioner by it."""
 
     @property
     def expert_numbers(self) -> int:
@@ -335,6 +337,7 @@ class ModelShape:
             linear_maps=max(linears, key=lambda maps: sum(RegMeanSums.bytes_per_map(o, i) for o, i in maps)),
             banked=banked,
             expert_disk_bytes=expert_disk,
+            router_kind=layout.router_kind.value,
         )
 
 
@@ -439,14 +442,20 @@ class MemoryPlan:
 
 
 def solver_bytes(
-    tokens: int, experts: int, dim: int, num_domains: int, harc: RouterSolveOptions, preconditioner: PreconditionerName
+    tokens: int,
+    experts: int,
+    dim: int,
+    num_domains: int,
+    harc: RouterSolveOptions,
+    preconditioner: PreconditionerName,
+    kind: str = "softmax",
 ) -> int:
     """What one router solve holds beside its activations: per-token source probabilities (N E c), one
     batch's temporaries, (K + 10) E x dim float64 statistics and CG vectors, and the preconditioner
     (for kronecker the transient of its build, measured by benchmarks/scaling.py)."""
     c = _BYTES[harc.dtype]
     b = min(harc.batch_size, max(tokens, 1))
-    precond = required_bytes(preconditioner, experts, dim, torch.float64 if c == 8 else torch.float32)
+    precond = required_bytes(preconditioner, experts, dim, torch.float64 if c == 8 else torch.float32, kind)
     if preconditioner == "kronecker":  # its build holds ~5 dim x dim float64 matrices (Grams, blend, factor)
         precond = max(precond, 5 * dim * dim * 8)
     return tokens * experts * c + b * dim * c + 4 * b * experts * c + (num_domains + 10) * experts * dim * 8 + precond
@@ -537,7 +546,7 @@ def _estimate(
             (
                 f"solver ({preconditioner})",
                 work,
-                {"solve": solver_bytes(N, E, d + 1, num_domains, options.harc, preconditioner)},
+                {"solve": solver_bytes(N, E, d + 1, num_domains, options.harc, preconditioner, shape.router_kind)},
             ),
         ]
     if expert_group is not None:
@@ -649,12 +658,17 @@ def plan_memory(
         batches.append(batches[-1] // 2)
     storages = [options.activation_dtype] + (["bfloat16"] if options.activation_dtype == "float32" else [])
     requested = choose_preconditioner(
-        options.harc.preconditioner, shape.experts, shape.hidden + 1, torch.float32, options.harc.memory_budget_bytes
+        options.harc.preconditioner,
+        shape.experts,
+        shape.hidden + 1,
+        torch.float32,
+        options.harc.memory_budget_bytes,
+        shape.router_kind,
     )
     preconditioners: list[PreconditionerName] = (
         list(_FALLBACK[_FALLBACK.index(requested) :]) if options.routers else [requested]
     )
-    if requested == resolve_auto(options.harc.preconditioner, shape.experts, shape.hidden + 1):
+    if requested == resolve_auto(options.harc.preconditioner, shape.experts, shape.hidden + 1, shape.router_kind):
         preconditioners[0] = options.harc.preconditioner  # "auto" stays "auto" while what it stands for fits
     placements = ["device", "host"] if on_gpu else ["host"]
     groups = _expert_groups(shape, options)  # (experts per group, sums_budget_bytes)

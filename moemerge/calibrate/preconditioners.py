@@ -138,11 +138,7 @@ def gram_stride(system: HarcSystem) -> int:
 
 
 def resolve_auto(name: PreconditionerName, num_experts: int, dim: int, kind: str = "softmax") -> PreconditionerName:
-    """What ``auto`` stands for at this router size and kind (:data:`AUTO_GROUPED_MAX_SIZE`); other names unchanged.
-
-    Without the kind (the memory planner) a narrow router is taken as softmax, whose ``grouped``
-    needs more memory than ``kronecker``, so the plan errs on the safe side.
-    """
+    """What ``auto`` stands for at this router size and kind (:data:`AUTO_GROUPED_MAX_SIZE`); other names unchanged."""
     if name != "auto":
         return name
     narrow = num_experts * dim <= AUTO_GROUPED_MAX_SIZE
@@ -187,13 +183,13 @@ def choose_preconditioner(
     if memory_budget_bytes is None:
         return requested
     for name in FALLBACK_ORDER[FALLBACK_ORDER.index(requested) :]:
-        if required_bytes(name, num_experts, dim, dtype) <= memory_budget_bytes:
+        if required_bytes(name, num_experts, dim, dtype, kind) <= memory_budget_bytes:
             if name != requested:
                 logger.warning(
                     "preconditioner %r needs %.3g GB for E=%d, dim=%d, over the memory budget of %.3g GB; "
                     "using %r instead",
                     requested,
-                    required_bytes(requested, num_experts, dim, dtype) / 1e9,
+                    required_bytes(requested, num_experts, dim, dtype, kind) / 1e9,
                     num_experts,
                     dim,
                     memory_budget_bytes / 1e9,
