@@ -17,6 +17,7 @@ from conftest import make_specialists
 import moemerge.calibrate.memory as memory
 from moemerge.architectures.layout import load_layout
 from moemerge.architectures.tiny import save_tiny_model
+from moemerge.calibrate.fused_experts import bank_of, experts_module
 from moemerge.calibrate.memory import (
     AVAILABLE_SHARE,
     MemoryBudget,
@@ -140,3 +141,36 @@ def test_plan_counts_the_preconditioner_auto_picks_for_the_router_kind(family: s
     assert required_bytes("auto", shape.experts, dim, torch.float32, shape.router_kind) == required_bytes(
         picked, shape.experts, dim, torch.float32
     )
+
+
+def test_harc_only_budget_below_the_bank_reads_the_experts_from_disk(setup: dict, tmp_path: Path) -> None:
+    """HARC only, a budget that no plan holding the merged model's experts meets: the planner reads them from
+    disk when used (a lazy bank) instead of refusing, and the calibrated model is bit-identical to the one
+    computed with the experts held, at the same settings."""
+    merged, domains = str(setup["average"]), _domains(setup)
+    options = CalibrationOptions(batch_tokens=256, max_memory="unlimited")
+    held = Calibrator(merged, domains, options, tmp_path / "held.work")
+    assert held.plan.merged_bank == "resident"
+    shape = ModelShape.of(held.layout, CheckpointReader(merged))
+    assert shape.banked and shape.expert_disk_bytes > 0
+    lengths = [[int(n) for b in d.batches for n in b.attention_mask.sum(1)] for d in held.domains]
+    assert max(map(max, lengths)) > options.batch_tokens // 2  # no smaller batch to fall back to
+    harc = options.harc.model_copy(update={"preconditioner": "none"})
+    smallest = options.model_copy(update={"harc": harc})
+    unlimited = parse_budget("unlimited", "cpu")
+    least_held = plan_memory(shape, lengths, smallest, unlimited).host_bytes  # the smallest plan holding them
+    lazy = Calibrator(merged, domains, options.model_copy(update={"max_memory": least_held - 1}), tmp_path / "w")
+    assert lazy.plan.merged_bank == "lazy" and lazy.plan.activation_dtype == "float32"
+    assert lazy.plan.host_bytes <= least_held - 1 and "read from disk when used" in lazy.plan.describe()
+    bank = bank_of(experts_module(lazy.walker.materialize(1), "merged")[1])
+    assert bank is not None and not bank.resident
+    lazy.walker.release(1)
+    same = lazy.plan.apply(options)  # the same batch and preconditioner, experts held
+    reference = Calibrator(merged, domains, same, tmp_path / "ref.work")
+    assert reference.plan.merged_bank == "resident"
+    for calibrator, out in ((lazy, tmp_path / "lazy"), (reference, tmp_path / "ref")):
+        calibrator.run(progress=False)
+        calibrator.write(out, overwrite=False)
+    got, want = CheckpointReader(tmp_path / "lazy"), CheckpointReader(tmp_path / "ref")
+    assert got.names() == want.names()
+    assert all(torch.equal(got.read(n), want.read(n)) for n in want.names())

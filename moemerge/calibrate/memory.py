@@ -31,7 +31,9 @@ size, E experts, K domains, T_i the padded and N_i the real tokens of domain i o
 A bank (``ModelShape.banked``; moemerge/calibrate/fused_experts.py) holds a layer's routed experts in
 their storage dtype, read piece by piece, whenever their on-disk tensors are one expert's rows each
 (``expert_pieces``): the merged model's resident (X bytes), a source's lazy (read one expert at a time
-when used, nothing held). Other layouts (GPT-OSS) are converted whole, as before.
+when used, nothing held). Other layouts (GPT-OSS) are converted whole, as before. Without ``experts`` (HARC
+only) the merged model's bank may be lazy too (``MemoryPlan.merged_bank``): X = 0, and every forward batch
+reads the layer's experts from the checkpoint (the page cache, or the disk when the layer does not fit in it).
 
 With ``experts`` (routing-aware RegMean, moemerge/calibrate/experts.py) each layer first makes
 passes over the sources (one per group of experts; sequential: per group and projection), each
@@ -87,9 +89,10 @@ To meet a budget the planner, in this order, halves the forward batch (down to
 the longest sample; slower, same result), on a GPU keeps the hidden states in host memory (one
 copy to the GPU per batch and layer), with ``experts`` lowers ``sums_budget_bytes`` so that the
 experts are done in more, smaller groups (one more pass over the sources per group; same result),
-falls back to a weaker preconditioner (more CG iterations, same result), and stores activations
-in bfloat16 instead of float32 (changes the result slightly: benchmarks/scaling.py measures by how
-much). A budget that the smallest plan still exceeds is an error before any work starts.
+falls back to a weaker preconditioner (more CG iterations, same result), without ``experts`` reads
+the merged model's experts from disk when used instead of holding them (slower, same result), and
+stores activations in bfloat16 instead of float32 (changes the result slightly: benchmarks/scaling.py
+measures by how much). A budget that the smallest plan still exceeds is an error before any work starts.
 """
 
 from __future__ import annotations
@@ -411,6 +414,9 @@ class MemoryPlan:
     changes: tuple[str, ...]
     world_size: int
     on_gpu: bool
+    merged_bank: str = "resident"
+    """How the walk holds the merged model's routed experts: ``resident`` (a bank of the layer's on-disk bytes)
+    or ``lazy`` (read from the checkpoint when a batch needs them; HARC only: RegMean rewrites a resident bank)."""
 
     def apply(self, options: CalibrationOptions) -> CalibrationOptions:
         """``options`` with the planned batch, storage dtype, preconditioner and RegMean sums budget."""
@@ -424,6 +430,7 @@ class MemoryPlan:
             f"memory plan per rank ({self.world_size} rank{'s' if self.world_size > 1 else ''}): "
             f"batch_tokens {self.batch_tokens}, activations {self.activation_dtype}, "
             f"preconditioner {self.preconditioner}, hidden states on {self.hidden_on}"
+            + (", experts read from disk when used (lazy bank)" if self.merged_bank == "lazy" else "")
             + (
                 ""
                 if self.expert_group is None
@@ -508,6 +515,7 @@ def _estimate(
     expert_group: int | None,
     num_domains: int,
     on_gpu: bool,
+    merged_bank: str = "resident",
 ) -> tuple[int, int, tuple[tuple[str, int, str], ...]]:
     d, E = shape.hidden, shape.experts
     s, f = _BYTES[storage], _BYTES[options.forward_dtype]
@@ -518,7 +526,8 @@ def _estimate(
     resident = shape.resident_numbers * f
     batch = min(batch_tokens, tokens.largest_batch or batch_tokens) * per_token * f
     # a resident bank lives where the work runs (on a GPU it is filled there, one on-disk piece at a time)
-    converted, bank = shape.converted_numbers * f, shape.layer_bytes(f) - shape.converted_numbers * f
+    converted = shape.converted_numbers * f
+    bank = shape.layer_bytes(f, resident_bank=merged_bank == "resident") - converted
     cast = shape.expert_cast_bytes(f)
     terms: list[_Term] = [
         ("outside the layers (final norm)", work, dict.fromkeys(_PHASES, resident)),
@@ -671,6 +680,8 @@ def plan_memory(
     if requested == resolve_auto(options.harc.preconditioner, shape.experts, shape.hidden + 1, shape.router_kind):
         preconditioners[0] = options.harc.preconditioner  # "auto" stays "auto" while what it stands for fits
     placements = ["device", "host"] if on_gpu else ["host"]
+    # HARC only: the merged model's experts may be read from disk when used instead of held (RegMean rewrites them)
+    banks = ["resident", "lazy"] if shape.banked and not options.experts else ["resident"]
     groups = _expert_groups(shape, options)  # (experts per group, sums_budget_bytes)
     tokens_by_batch = {bt: rank_tokens(lengths, bt, world_size) for bt in batches}
 
@@ -679,8 +690,8 @@ def plan_memory(
 
     last = None
     # the last knob varies fastest: what costs least is given up first
-    for storage, preconditioner, (group, sums_budget), hidden_on, bt in itertools.product(
-        storages, preconditioners, groups, placements, batches
+    for storage, bank, preconditioner, (group, sums_budget), hidden_on, bt in itertools.product(
+        storages, banks, preconditioners, groups, placements, batches
     ):
         host, device, parts = _estimate(
             shape,
@@ -693,6 +704,7 @@ def plan_memory(
             expert_group=group,
             num_domains=len(lengths),
             on_gpu=on_gpu,
+            merged_bank=bank,
         )
         plan = MemoryPlan(
             batch_tokens=bt,
@@ -705,9 +717,10 @@ def plan_memory(
             device_bytes=device,
             parts=parts,
             budget=budget,
-            changes=_changes(options, bt, storage, preconditioner, hidden_on, sums_budget, group, on_gpu),
+            changes=_changes(options, bt, storage, preconditioner, hidden_on, sums_budget, group, on_gpu, bank),
             world_size=world_size,
             on_gpu=on_gpu,
+            merged_bank=bank,
         )
         if fits(host, device):
             return plan
@@ -754,8 +767,11 @@ def _changes(
     sums_budget: int | None,
     group: int | None,
     on_gpu: bool,
+    merged_bank: str,
 ) -> tuple[str, ...]:
     changes = []
+    if merged_bank == "lazy":
+        changes.append("the merged model's experts read from disk when used, not held (slower, same result)")
     if bt != options.batch_tokens:
         changes.append(f"batch_tokens {options.batch_tokens} -> {bt}")
     if preconditioner != options.harc.preconditioner:

@@ -242,8 +242,13 @@ class Calibrator:
         self.dtype = getattr(torch, options.forward_dtype)
         self.storage = getattr(torch, options.activation_dtype)
         self.hidden_device = torch.device("cpu") if self.plan.hidden_on == "host" else self.ranks.device
-        self.walker = LayerWalker(  # experts in a bank, once, in their storage dtype (RegMean rewrites them)
-            merged, self.layout, dtype=self.dtype, device=str(self.ranks.device), experts="resident", head=False
+        self.walker = LayerWalker(  # experts in a bank, in their storage dtype: held (RegMean rewrites them) or lazy
+            merged,
+            self.layout,
+            dtype=self.dtype,
+            device=str(self.ranks.device),
+            experts="lazy" if self.plan.merged_bank == "lazy" else "resident",
+            head=False,
         )
         self.domains = []
         for domain, calibration in zip(domains, calibrations, strict=True):
