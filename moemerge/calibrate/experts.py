@@ -373,8 +373,12 @@ class RegMeanCalibration:
                 for j, e in enumerate(task.experts):
                     if enough[j]:
                         merged_fused.set(pname, e, self._as_saved(f"{experts_name}.{pname}", solution[j]))
+                del solution  # in the bank now
             if task.phase != "down":
                 calibrated += [e for j, e in enumerate(task.experts) if enough[j]]
+            # nothing of this task outlives it: the next one allocates its sums beside none of these (group_bytes)
+            del fold, hooks, sums
+            gate_up = down = None
         tensors: dict[str, Tensor] = {}
         summary: dict[str, Any] = {"seconds": 0.0}
         if info is not None:

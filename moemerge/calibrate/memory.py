@@ -49,14 +49,10 @@ p those of a stage-1 expert number as the layer holds it (q with a bank, else f)
                  (the pass that advances them holds one domain's new ones)
     source layer one source's decoder layer without its (lazily read) experts:  layer', and
                  layer' + converting while it is read and converted (layer' = layer - X with a bank)
-    sums         classic     pass  g (S_a + S_c) + g' (S_c + 8 c),  load: g' (S_a + S_c + 8 c) more
-                 sequential  pass  max(g S_a + g' (S_c + 8 c),  g (S_c + 8 a)),
-                             load  max(g S_a + g' (S_c + 8 c),  g (S_c + S_a + 8 a))
-                 solves      g (S_a + S_c) (classic) or g max(S_a, S_c) (sequential)
-                             + 8 g (a + c) (the solved experts) + g max(a, c) p (their stage-1 slice)
-                 output      g (S_a + S_c + 8 c) (classic) or g (S_c + 8 c) (sequential)
-                 (a task's last sums and solution stay referenced into the next task, its sums through
-                 its last fold hook until the next task's first source layer is loaded)
+    sums         classic     load, pass  g (S_a + S_c)
+                 sequential  load, pass  g max(S_a, S_c)  (a task sums one map)
+                 solves      the pass's sums + g max(a, c) (8 + p) (one map's solution and its stage-1 slice)
+                 output      none (nothing of a task is referenced once it is done)
     map solve    one map's Cholesky and right-hand side:       8 (3 in^2 + 4 out in), largest map
     fold         one batch's expert inputs and one expert's products, and the expert matrices cast to
                  the work dtype:  (B (4 d + 6 I) + in^2 + 2 out in) w + (2a + c) w + (a + c) q
@@ -476,31 +472,17 @@ def expert_sums_bytes(shape: ModelShape) -> int:
 def group_bytes(shape: ModelShape, group: int, variant: str, slice_bytes: int) -> dict[str, int]:
     """RegMean's float64 sums and solved experts for groups of `group` experts, by phase of :func:`_estimate`.
 
-    Mirrors ``RegMeanCalibration._calibrate``: a task's sums live through its passes and solves; each
-    solve returns a float64 matrix per expert, next to the experts' stage-1 slice. A task's last sums
-    and solution stay referenced (loop variables) into the next task, and its sums also through its last
-    fold hook until the next task has loaded its first source layer.
+    Mirrors ``RegMeanCalibration._calibrate``: a task's sums (both maps, classic; one, sequential) live
+    through its passes and solves; each map's solve returns a float64 matrix per expert, next to the
+    experts' stage-1 slice, and is written into the bank before the next map's; nothing of a task is
+    referenced once it is done, so tasks do not overlap and the output phase holds no sums.
     """
     (o_a, i_a), (o_c, i_c) = shape.expert_maps
     a, c = o_a * i_a, o_c * i_c
     s_a, s_c = RegMeanSums.bytes_per_map(o_a, i_a), RegMeanSums.bytes_per_map(o_c, i_c)
-    g = group
-    later = g if g < shape.experts else 0  # a group that follows another
-    solved = 8 * g * (a + c) + g * max(a, c) * slice_bytes  # the stage-1 slice, as the layer holds its experts
-    if variant == "classic":
-        return {
-            "load": g * (s_a + s_c) + later * (s_a + s_c + 8 * c),
-            "pass": g * (s_a + s_c) + later * (s_c + 8 * c),
-            "regmean": g * (s_a + s_c) + solved,
-            "output": g * (s_a + s_c + 8 * c),
-        }
-    gate_up = g * s_a + later * (s_c + 8 * c)  # a gate/up task, after the previous group's down task
-    return {
-        "load": max(gate_up, g * (s_c + s_a + 8 * a)),  # a down task, after its group's gate/up task
-        "pass": max(gate_up, g * (s_c + 8 * a)),
-        "regmean": g * max(s_a, s_c) + solved,
-        "output": g * (s_c + 8 * c),
-    }
+    sums = group * (s_a + s_c if variant == "classic" else max(s_a, s_c))
+    solved = group * max(a, c) * (8 + slice_bytes)  # one map's solution, and its stage-1 slice as the layer holds it
+    return {"load": sums, "pass": sums, "regmean": sums + solved, "output": 0}
 
 
 def _estimate(
