@@ -15,6 +15,7 @@ import yaml
 from conftest import make_specialists
 
 import moemerge.calibrate.memory as memory
+import moemerge.calibrate.runner as runner
 from moemerge.architectures.layout import load_layout
 from moemerge.architectures.tiny import save_tiny_model
 from moemerge.calibrate.fused_experts import bank_of, experts_module
@@ -25,6 +26,7 @@ from moemerge.calibrate.memory import (
     host_available,
     parse_budget,
     plan_memory,
+    process_held_bytes,
     solver_bytes,
 )
 from moemerge.calibrate.options import CalibrationOptions
@@ -143,10 +145,13 @@ def test_plan_counts_the_preconditioner_auto_picks_for_the_router_kind(family: s
     )
 
 
-def test_harc_only_budget_below_the_bank_reads_the_experts_from_disk(setup: dict, tmp_path: Path) -> None:
+def test_harc_only_budget_below_the_bank_reads_the_experts_from_disk(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HARC only, a budget that no plan holding the merged model's experts meets: the planner reads them from
     disk when used (a lazy bank) instead of refusing, and the calibrated model is bit-identical to the one
     computed with the experts held, at the same settings."""
+    monkeypatch.setattr(runner, "process_held_bytes", lambda: 0)  # a budget to the byte, without the process's own
     merged, domains = str(setup["average"]), _domains(setup)
     options = CalibrationOptions(batch_tokens=256, max_memory="unlimited")
     held = Calibrator(merged, domains, options, tmp_path / "held.work")
@@ -174,3 +179,13 @@ def test_harc_only_budget_below_the_bank_reads_the_experts_from_disk(setup: dict
     got, want = CheckpointReader(tmp_path / "lazy"), CheckpointReader(tmp_path / "ref")
     assert got.names() == want.names()
     assert all(torch.equal(got.read(n), want.read(n)) for n in want.names())
+
+
+def test_plan_counts_what_the_process_holds(setup: dict, tmp_path: Path) -> None:
+    """The walk's plan starts from the anonymous memory the process holds when it plans (interpreter, libraries,
+    tokenised text), read from /proc, since a budget bounds the whole process."""
+    before = process_held_bytes()
+    plan = Calibrator(str(setup["average"]), _domains(setup), CalibrationOptions(), tmp_path / "w").plan
+    held = dict((what, size) for what, size, _ in plan.parts)["this process before the walk (libraries, text)"]
+    assert 0.9 * before <= held <= process_held_bytes() * 1.1 and held > 50e6  # torch alone holds more
+    assert plan.host_bytes >= held + sum(size for what, size, where in plan.parts if what.startswith("hidden"))

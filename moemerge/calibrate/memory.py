@@ -162,6 +162,17 @@ def _cgroup_room() -> int | None:
     return None
 
 
+def process_held_bytes() -> int:
+    """Anonymous memory this process holds now (RssAnon: the interpreter, the libraries, the tokenised text;
+    not the memory-mapped checkpoints), which the run's tensors come on top of; 0 where /proc cannot tell."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return 0
+    found = [int(line.split()[1]) * 1024 for line in lines if line.startswith("RssAnon:")]
+    return found[0] if found else 0
+
+
 def host_available() -> int | None:
     """Host memory available to this process now: MemAvailable (/proc/meminfo), capped by its cgroup's room."""
     try:
@@ -498,6 +509,7 @@ def _estimate(
     num_domains: int,
     on_gpu: bool,
     merged_bank: str = "resident",
+    held_bytes: int = 0,
 ) -> tuple[int, int, tuple[tuple[str, int, str], ...]]:
     d, E = shape.hidden, shape.experts
     s, f = _BYTES[storage], _BYTES[options.forward_dtype]
@@ -512,6 +524,7 @@ def _estimate(
     bank = shape.layer_bytes(f, resident_bank=merged_bank == "resident") - converted
     cast = shape.expert_cast_bytes(f)
     terms: list[_Term] = [
+        ("this process before the walk (libraries, text)", "host", dict.fromkeys(_PHASES, held_bytes)),
         ("outside the layers (final norm)", work, dict.fromkeys(_PHASES, resident)),
         (
             "one decoder layer" + (" (experts: see bank)" if shape.banked else ""),
@@ -629,6 +642,7 @@ def plan_memory(
     *,
     world_size: int = 1,
     on_gpu: bool = False,
+    held_bytes: int = 0,
 ) -> MemoryPlan:
     """The plan closest to ``options`` whose estimated peak fits ``budget`` (module docstring).
 
@@ -640,6 +654,8 @@ def plan_memory(
         budget: per-rank byte limits.
         world_size: ranks the batches are sharded over.
         on_gpu: whether the work runs on a GPU.
+        held_bytes: host memory the process holds before the walk (:func:`process_held_bytes`), planned
+            as it is: 0.3-0.4 GB of interpreter and libraries, which the budget covers too.
     """
     if options.experts and not shape.expert_maps:
         raise ValueError("experts: true: the model's experts are not a fused gated module, which RegMean needs")
@@ -687,6 +703,7 @@ def plan_memory(
             num_domains=len(lengths),
             on_gpu=on_gpu,
             merged_bank=bank,
+            held_bytes=held_bytes,
         )
         plan = MemoryPlan(
             batch_tokens=bt,

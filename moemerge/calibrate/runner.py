@@ -32,7 +32,14 @@ import torch
 from moemerge.architectures.layout import ModelLayout, MoeLayer, load_layout
 from moemerge.architectures.routing import top_k_agreement, top_k_experts
 from moemerge.calibrate.experts import RegMeanCalibration
-from moemerge.calibrate.memory import MemoryPlan, MemoryPlanError, ModelShape, parse_budget, plan_memory
+from moemerge.calibrate.memory import (
+    MemoryPlan,
+    MemoryPlanError,
+    ModelShape,
+    parse_budget,
+    plan_memory,
+    process_held_bytes,
+)
 from moemerge.calibrate.options import CalibrationOptions
 from moemerge.calibrate.solve import solve_router
 from moemerge.calibrate.stages import StageClock
@@ -130,6 +137,7 @@ def _plan(
         parse_budget(options.max_memory, options.device),
         world_size=world_size,
         on_gpu=on_gpu,
+        held_bytes=process_held_bytes(),
     )
     return plan, calibrations
 
