@@ -10,6 +10,7 @@ tests/test_reliability_kill.py.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,3 +136,19 @@ def test_an_output_moved_aside_by_a_killed_replacement_is_restored(tmp_path) -> 
     with folder_lock(out):
         assert (out / "model.safetensors").read_bytes() == b"old"
         assert not aside.exists() and not unfinished.exists()
+
+
+def test_run_reusing_stage_1_takes_over_the_lock_a_killed_stage_1_left(tmp_path, tiny_olmoe, holder) -> None:
+    """A run that reuses OUT.stage1 (kept by a killed run of the same inputs) holds its lock too, so the lock file a
+    killed holder left beside it is taken over and removed, not left behind, and a live holder is still refused."""
+    recipe, out = recipe_file(tmp_path, tiny_olmoe, calibrate=True), tmp_path / "out"
+    assert main(["run", str(recipe), "-o", str(out), "--quiet"]) == 0
+    stage1 = tmp_path / "out.stage1"
+    shutil.rmtree(out)  # as if killed after stage 1: OUT.stage1 and its key in OUT.work are kept
+    process = holder(stage1)
+    assert main(["run", str(recipe), "-o", str(out), "--quiet"]) == 1 and not out.exists()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert lock_file(stage1).exists()
+    assert main(["run", str(recipe), "-o", str(out), "--quiet"]) == 0
+    assert out.is_dir() and not lock_file(stage1).exists() and not lock_file(out).exists()

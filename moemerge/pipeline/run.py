@@ -118,13 +118,14 @@ def _stage1(
     inputs = [*([recipe.base_model] if recipe.base_model else []), *recipe.source_paths, recipe.tokenizer_model]
     key = _inputs_key(text, list(dict.fromkeys(inputs)), [])
     marker = work / STAGE1_KEY
-    if stage1.exists() and not overwrite and marker.is_file() and marker.read_text() == key:
-        return stage1
-    if int(os.environ.get("RANK", "0")) == 0:
-        with disk_errors(work):
-            work.mkdir(parents=True, exist_ok=True)
-            marker.write_text(key)  # before the merge: whenever OUT.stage1 appears, it is of these inputs
-    return merge_checkpoints(recipe_path, stage1, overwrite=overwrite, progress=progress, max_memory=max_memory)
+    with folder_lock(stage1):  # held while reused too, which also takes over the lock file a killed stage 1 left
+        if stage1.exists() and not overwrite and marker.is_file() and marker.read_text() == key:
+            return stage1
+        if int(os.environ.get("RANK", "0")) == 0:
+            with disk_errors(work):
+                work.mkdir(parents=True, exist_ok=True)
+                marker.write_text(key)  # before the merge: whenever OUT.stage1 appears, it is of these inputs
+        return merge_checkpoints(recipe_path, stage1, overwrite=overwrite, progress=progress, max_memory=max_memory)
 
 
 def _move_into_place(staged: Path, out_dir: Path) -> None:
