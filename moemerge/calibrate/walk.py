@@ -153,6 +153,7 @@ class LayerWalker:
         the input embedding is not held either; each batch's rows of it are read from disk (:meth:`_embed`)."""
         self.layout = layout
         self.experts = experts
+        self.head = head
         self.dtype = dtype
         self.device = torch.device(device)
         self.reader = CheckpointReader(model_dir)
@@ -301,7 +302,7 @@ class LayerWalker:
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last layer's output: the model's final norm, then its output head."""
-        if self._embedding is not None:
+        if not self.head:
             raise ValueError(f"{self.reader.model_dir}: walked without its output head (head=False): no logits")
         norm = self.base.norm
         return self.model.get_output_embeddings()(norm(hidden))
