@@ -93,8 +93,9 @@ def merge_regmean(
     scratch = out_dir.parent / f".{out_dir.name}.regmean-{key[:12]}"
     rest_model = scratch / "rest"
     # the walk's plan, from the tensors the rest merge will write: a budget it cannot meet stops here
+    tokenizer = recipe.tokenizer_model
     plan_calibration(
-        plan.reference, domains, options, tokenizer_source=recipe.tokenizer_model, stored_as=step1.output_dtype
+        plan.reference, domains, options, tokenizer_source=tokenizer, stored_as=step1.output_dtype, progress=progress
     )
     if rest_model.is_dir():  # written atomically, so complete: reused by a resumed run
         LOG.info("%s: reusing the %s merge of an earlier run", rest_model, step1.merge_method)

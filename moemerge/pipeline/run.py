@@ -76,8 +76,14 @@ def run_recipe(
         domains = [Domain(source, tuple(files)) for source, files in section.domains.items()]
         if stage1 is None:
             # stage 2's plan, from the tensors stage 1 will write: a budget it cannot meet stops the run here
-            reference, dtype = recipe.base_model or recipe.source_paths[0], recipe.output_dtype
-            plan_calibration(reference, domains, options, tokenizer_source=recipe.tokenizer_model, stored_as=dtype)
+            plan_calibration(
+                recipe.base_model or recipe.source_paths[0],
+                domains,
+                options,
+                tokenizer_source=recipe.tokenizer_model,
+                stored_as=recipe.output_dtype,
+                progress=progress,
+            )
             stage1 = str(_stage1(recipe_path, recipe, recipe_text, out_dir, work, overwrite, progress, max_memory))
         files = [str(f) for d in domains for f in d.files]
         key = _inputs_key(recipe_text, [stage1, *(d.source for d in domains)], files)
