@@ -27,6 +27,10 @@ loop with float32 weights, against moemerge's banked forward (bfloat16 bank, one
 
     python benchmarks/real_width.py --shape olmoe --layers 1 --samples 8 --scale 1 4 --max-memory 16GB
 
+``--harc-lazy`` adds two HARC-only runs: under a budget just below the smallest plan that holds the merged
+model's experts (the planner then reads them from disk when used), and with the experts held at the same
+settings: plan against peak, wall time, and whether the two calibrated models are bit-identical.
+
 A table, not a test. Generated checkpoints are removed at the end unless ``--keep``.
 """
 
@@ -369,6 +373,67 @@ def full_model_plans() -> None:
                     print(str(err).splitlines()[0])
 
 
+def harc_lazy(root: Path, setup: dict, stage1: Path, args: argparse.Namespace) -> None:
+    """HARC only (no experts) under a budget just below the smallest plan that holds the merged model's experts,
+    so the planner reads them from disk when used (a lazy bank); then the same settings with the experts held.
+    Prints each run's plan against its peak, its wall time, and whether the two models are bit-identical."""
+    import yaml
+
+    from moemerge.calibrate.memory import MemoryPlanError
+    from moemerge.calibrate.options import CalibrationOptions
+    from moemerge.calibrate.runner import Domain, plan_calibration
+    from moemerge.checkpoint.reader import CheckpointReader
+
+    text = yaml.safe_load(recipe(root, setup, args.samples, args).read_text())
+    section = text["calibrate"] | {"experts": False}
+    domains = [Domain(source, tuple(files)) for source, files in section["domains"].items()]
+    options = CalibrationOptions.model_validate({k: v for k, v in section.items() if k != "domains"})
+
+    def holds_experts(budget: int) -> bool:
+        try:
+            plan = plan_calibration(
+                str(stage1), domains, options.model_copy(update={"max_memory": budget}), progress=False
+            )
+        except MemoryPlanError:
+            return False
+        return plan.merged_bank == "resident"
+
+    low, high = 0, 2**40  # bisect for the smallest budget a plan holding the experts meets
+    while high - low > 2**20:
+        low, high = (low, (low + high) // 2) if holds_experts((low + high) // 2) else ((low + high) // 2, high)
+    budget = int(high * 0.97)
+    lazy = plan_calibration(str(stage1), domains, options.model_copy(update={"max_memory": budget}))
+    print(
+        f"\n### HARC only, {args.samples} samples per domain: the smallest plan holding the experts needs "
+        f"{high / 1e9:.3f} GB; under {budget / 1e9:.3f} GB the plan is {lazy.merged_bank} (planned here, with this "
+        "process's own memory; each run below plans with its own)\n"
+    )
+    print("| merged model's experts | planned GB | peak RssAnon GB | peak / plan | wall s |")
+    print("|---|---:|---:|---:|---:|")
+    settings = {"batch_tokens": lazy.batch_tokens, "activation_dtype": lazy.activation_dtype}
+    outputs = []
+    for name, limit in (("read from disk (lazy bank)", str(budget)), ("held (same settings)", "unlimited")):
+        path = root / f"harc-{limit}.yaml"
+        harc = {"preconditioner": lazy.preconditioner}
+        path.write_text(yaml.safe_dump(text | {"calibrate": section | settings | {"harc": harc}}))
+        out = root / f"harc-{limit}"
+        command = [sys.executable, "-m", "moemerge", "run", str(path), "-o", str(out), "--stage1", str(stage1)]
+        result = run_measured(command + ["--max-memory", limit, "--overwrite"], args.threads)
+        if result["rc"]:
+            sys.exit(result["err"][-4000:])
+        plan = [line for line in result["err"].splitlines() if "peak host" in line]
+        planned = float(plan[-1].split()[2]) * 1e9
+        peak = result["RssAnon"]
+        print(f"| {name} | {planned / 1e9:.3f} | {peak / 1e9:.2f} | {peak / planned:.2f} | {result['seconds']:.0f} |")
+        outputs.append(CheckpointReader(out))
+    same = outputs[0].names() == outputs[1].names() and all(
+        torch.equal(outputs[0].read(n), outputs[1].read(n)) for n in outputs[1].names()
+    )
+    print(f"\nthe two calibrated models are {'bit-identical' if same else 'DIFFERENT'}")
+    for folder in root.glob("harc-*"):
+        shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="olmoe")
@@ -383,6 +448,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--no-kernels", action="store_true")
     parser.add_argument("--full-model-plans", action="store_true", help="only print the planner's full-model plans")
+    parser.add_argument(
+        "--harc-lazy", action="store_true", help="also HARC only with the merged experts read from disk, and held"
+    )
     args = parser.parse_args()
     if args.full_model_plans:
         full_model_plans()
@@ -424,6 +492,8 @@ def main() -> None:
         report(setup, f"{args.shape}, {args.samples * scale} samples per domain ({scale}x)", result, rates, out)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(root / f"out-{scale}x.work", ignore_errors=True)
+    if args.harc_lazy:
+        harc_lazy(root, setup, stage1, args)
     print(f"\nload average {os.getloadavg()[0]:.1f} (2-core machine shared with other jobs)")
     if not args.keep:
         shutil.rmtree(root)
