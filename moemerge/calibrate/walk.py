@@ -1,8 +1,10 @@
 """Run a checkpoint one decoder layer at a time, with transformers' own modules.
 
 The model is built with its parameters on the meta device (buffers such as rotary frequencies
-are real, computed by the model's own constructor), so memory holds the embeddings plus one
-decoder layer at a time. What the model passes into each decoder layer besides the hidden
+are real, computed by the model's own constructor), so memory holds what lies outside the layers
+(embeddings, final norm, output head) plus one decoder layer at a time; a walk without the output head
+(``head=False``, the calibration walk) holds neither head nor embedding, reading each batch's embedding
+rows from the memory-mapped checkpoint. What the model passes into each decoder layer besides the hidden
 states (position embeddings, the attention mask of that layer's attention type, position ids)
 is recorded by running the model's own forward with every decoder layer replaced by a recorder
 that returns its input unchanged; this keeps the runner generic over families. A layer's
