@@ -140,12 +140,15 @@ def embedding_disk_names(model: PreTrainedModel) -> tuple[frozenset[str], frozen
     With tied weights the head's names are the embedding's; a model without an output head has none.
     """
     module_names = {id(m): n for n, m in model.named_modules()}
-    found = []
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        prefix = module_names[id(module)] if module is not None else None
-        tensors = {f"{prefix}.{n}": p for n, p in module.named_parameters(recurse=False)} if module is not None else {}
-        found.append(frozenset(disk_names(model, tensors).values()))
-    return found[0], found[1]
+
+    def names(module: torch.nn.Module | None) -> frozenset[str]:
+        if module is None:
+            return frozenset()
+        prefix = module_names[id(module)]
+        tensors = {f"{prefix}.{n}": p for n, p in module.named_parameters(recurse=False)}
+        return frozenset(disk_names(model, tensors).values())
+
+    return names(model.get_input_embeddings()), names(model.get_output_embeddings())
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -107,7 +108,7 @@ from moemerge.calibrate.fused_experts import MATRICES, FusedExperts, banks_exper
 from moemerge.calibrate.options import CalibrationOptions, PreconditionerName, RouterSolveOptions
 from moemerge.calibrate.preconditioners import FALLBACK_ORDER, choose_preconditioner, required_bytes, resolve_auto
 from moemerge.calibrate.regmean_sums import RegMeanSums
-from moemerge.calibrate.walk import LAYER_INDEX, not_held
+from moemerge.calibrate.walk import LAYER_INDEX, walk_without_head
 from moemerge.checkpoint.reader import CheckpointReader, is_float_code
 from moemerge.data import pack
 from moemerge.distributed import assign_shards
@@ -305,7 +306,7 @@ class ModelShape:
         disk_per_layer: dict[int, int] = {}
         resident = 0
         model = build_meta_model(layout.config)
-        skipped = not_held(model)  # the output head, and the embedding read by rows (walk.py)
+        _, skipped = walk_without_head(model)  # the output head, and the embedding read by rows
         for name in reader.names():
             info = reader.info(name)
             match = LAYER_INDEX.search(name)
@@ -421,7 +422,7 @@ class MemoryPlan:
     changes: tuple[str, ...]
     world_size: int
     on_gpu: bool
-    merged_bank: str = "resident"
+    merged_bank: Literal["resident", "lazy"] = "resident"
     """How the walk holds the merged model's routed experts: ``resident`` (a bank of the layer's on-disk bytes)
     or ``lazy`` (read from the checkpoint when a batch needs them; HARC only: RegMean rewrites a resident bank)."""
 
@@ -679,7 +680,9 @@ def plan_memory(
         preconditioners[0] = options.harc.preconditioner  # "auto" stays "auto" while what it stands for fits
     placements = ["device", "host"] if on_gpu else ["host"]
     # HARC only: the merged model's experts may be read from disk when used instead of held (RegMean rewrites them)
-    banks = ["resident", "lazy"] if shape.banked and not options.experts else ["resident"]
+    banks: list[Literal["resident", "lazy"]] = (
+        ["resident", "lazy"] if shape.banked and not options.experts else ["resident"]
+    )
     groups = _expert_groups(shape, options)  # (experts per group, sums_budget_bytes)
     tokens_by_batch = {bt: rank_tokens(lengths, bt, world_size) for bt in batches}
 

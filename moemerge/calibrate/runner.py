@@ -255,7 +255,7 @@ class Calibrator:
             self.layout,
             dtype=self.dtype,
             device=str(self.ranks.device),
-            experts="lazy" if self.plan.merged_bank == "lazy" else "resident",
+            experts=self.plan.merged_bank,
             head=False,
         )
         self.domains = []

@@ -123,19 +123,16 @@ ExpertsHeld = Literal["convert", "resident", "lazy"]
 dtype), in a resident bank (storage dtype, once), or in a lazy bank (read from disk when used)."""
 
 
-def embedding_read_by_rows(model: PreTrainedModel) -> str | None:
-    """On-disk name of the input embedding when a walk without the output head can read it by rows
-    (:meth:`LayerWalker._embed`: one ``weight`` looked up by token id), else None (it is loaded whole)."""
-    embedding, _ = embedding_disk_names(model)
-    params = dict(model.get_input_embeddings().named_parameters(recurse=False))
-    return next(iter(embedding)) if len(embedding) == 1 and list(params) == ["weight"] else None
-
-
-def not_held(model: PreTrainedModel) -> frozenset[str]:
-    """On-disk tensors outside the layers that a walk without the output head does not hold: the head (unless
-    tied to the embedding), and the embedding where it is read by rows."""
+def walk_without_head(model: PreTrainedModel) -> tuple[str | None, frozenset[str]]:
+    """What a walk without the output head reads differently, read off the (meta) model: the on-disk name of the
+    input embedding when it can be read by rows (:meth:`LayerWalker._embed`: one ``weight`` looked up by token
+    id; else None, and it is loaded whole), and the on-disk tensors outside the layers that such a walk does not
+    hold: the head (unless tied to the embedding), and the embedding where it is read by rows."""
     embedding, head = embedding_disk_names(model)
-    return embedding | head if embedding_read_by_rows(model) else head - embedding
+    params = dict(model.get_input_embeddings().named_parameters(recurse=False))
+    if len(embedding) == 1 and list(params) == ["weight"]:
+        return next(iter(embedding)), embedding | head
+    return None, head - embedding
 
 
 class LayerWalker:
@@ -170,8 +167,7 @@ class LayerWalker:
                 self._by_layer.setdefault(int(match.group(1)), []).append(name)
             else:
                 outside.append(name)
-        self._embedding = None if head else embedding_read_by_rows(self.model)
-        skipped = frozenset() if head else not_held(self.model)
+        self._embedding, skipped = (None, frozenset()) if head else walk_without_head(self.model)
         self._load([name for name in outside if name not in skipped])
         self.model.tie_weights()  # a tied output head shares the embedding just loaded
         self._to_device(self.model)

@@ -242,23 +242,22 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self._tensors.values())
 
-    def read(self, name: str, device: str = "cpu") -> torch.Tensor:
-        """One tensor by its on-disk name, memory-mapped from its shard."""
+    def _shard(self, name: str, device: str = "cpu") -> Any:
+        """The open safetensors handle of the shard holding `name` (opened once, memory-mapped)."""
         from safetensors import safe_open
 
         info = self.info(name)
         if info.file not in self._handles:
             self._handles[info.file] = safe_open(str(info.file), framework="pt", device=device)
-        return self._handles[info.file].get_tensor(name)
+        return self._handles[info.file]
+
+    def read(self, name: str, device: str = "cpu") -> torch.Tensor:
+        """One tensor by its on-disk name, memory-mapped from its shard."""
+        return self._shard(name, device).get_tensor(name)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (along the first axis) of one tensor, reading only their bytes."""
-        from safetensors import safe_open
-
-        info = self.info(name)
-        if info.file not in self._handles:
-            self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        return self._handles[info.file].get_slice(name)[start:stop]
+        return self._shard(name).get_slice(name)[start:stop]
 
     def close(self) -> None:
         self._handles.clear()
