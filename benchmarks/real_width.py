@@ -6,8 +6,10 @@ first layer; ``--experts`` of its 256 routed experts, top-8, hidden 7168, expert
 129280), with ``--layers`` decoder layers. A base model and three sources (the base plus noise) are
 written in bfloat16 under ``--root``; stage 1 (``moemerge merge``, linear) and stage 2 (``moemerge run
 --stage1 ... --max-memory``) run in fresh processes whose resident memory is sampled every 20 ms.
-Calibration text: the demo's three domains (examples/specialists/data, character tokens, 256 per
-sample), ``--samples`` per domain, and 4x that with ``--scale 1 4``.
+Calibration text: the demo's three domains (examples/specialists/data, character tokens), ``--samples`` per
+domain of at most 256 tokens; ``--scale 1 4`` adds a run with 4x those tokens: 4x the samples where the text has
+them (64 per domain), otherwise the same samples at 4x the length (the shipped samples hold 300-1200 characters:
+3.7x the tokens at 32 samples of at most 1024).
 
 Printed per run: the plan's peak against the measured peak (RssAnon, the tensors; VmRSS also counts
 pages of the memory-mapped checkpoints, which the kernel may drop), and per MoE layer and stage the
@@ -25,7 +27,7 @@ float64) matmul rate measured in this run with the same threads. Arithmetic coun
 and a kernel table: one MoE layer's experts on 2048 tokens, transformers' default (grouped_mm) and eager
 loop with float32 weights, against moemerge's banked forward (bfloat16 bank, one expert cast at a time).
 
-    python benchmarks/real_width.py --shape olmoe --layers 1 --samples 8 --scale 1 4 --max-memory 16GB
+    python benchmarks/real_width.py --shape olmoe --layers 1 --samples 32 --scale 1 4 --max-memory 16GB
 
 ``--harc-lazy`` adds two HARC-only runs: under a budget just below the smallest plan that holds the merged
 model's experts (the planner then reads them from disk when used), and with the experts held at the same
@@ -150,7 +152,18 @@ def build(root: Path, args: argparse.Namespace) -> dict:
     return {"config": config, "base": str(models[0]), "sources": [str(m) for m in models[1:]], "shapes": shapes}
 
 
-def recipe(root: Path, setup: dict, samples: int, args: argparse.Namespace) -> Path:
+SHIPPED_SAMPLES = 64
+"""Samples per domain in examples/specialists/data."""
+
+
+def text_at(samples: int, scale: int) -> tuple[int, int]:
+    """(samples, max length) of a run with `scale` times the tokens of `samples` samples of at most 256 tokens."""
+    if samples * scale <= SHIPPED_SAMPLES:
+        return samples * scale, 256
+    return samples, 256 * scale
+
+
+def recipe(root: Path, setup: dict, samples: int, args: argparse.Namespace, max_length: int = 256) -> Path:
     import yaml
 
     domains = {s: [str(DATA / f"{d}.jsonl")] for s, d in zip(setup["sources"], DOMAINS, strict=True)}
@@ -163,10 +176,10 @@ def recipe(root: Path, setup: dict, samples: int, args: argparse.Namespace) -> P
             "domains": domains,
             "experts": True,
             "batch_tokens": args.batch_tokens,
-            "data": {"max_length": 256, "max_samples": samples, "heldout": 0},
+            "data": {"max_length": max_length, "max_samples": samples, "heldout": 0},
         },
     }
-    path = root / f"recipe-{samples}.yaml"
+    path = root / f"recipe-{samples}x{max_length}.yaml"
     path.write_text(yaml.safe_dump(text))
     return path
 
@@ -269,8 +282,8 @@ def kernels(config, threads: int, tokens: int = 2048) -> list[tuple[str, float, 
     return rows
 
 
-def layer_flops(setup: dict, summary: dict, layer: dict, passes: dict) -> dict[str, float]:
-    """Flop of each stage of one MoE layer (module docstring)."""
+def layer_flops(setup: dict, layer: dict, max_length: int) -> dict[str, float]:
+    """Flop of each stage of one MoE layer (module docstring; S is the longest sample, a bound)."""
     config = setup["config"]
     d = config.hidden_size
     inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
@@ -283,7 +296,7 @@ def layer_flops(setup: dict, summary: dict, layer: dict, passes: dict) -> dict[s
     rest = sum(params.values()) - routed
     tokens = {name: values["tokens"] for name, values in layer["domains"].items()}  # real tokens per domain
     N = sum(tokens.values())
-    S = 256
+    S = max_length
     full = 2 * (rest + routed / E * k) + 2 * S * d
     attention = 2 * rest + 2 * S * d  # passes that stop at the experts (shared expert not run: a bound)
     groups = layer["regmean"]["experts"]["passes"] // 2  # sequential: a gate/up and a down task per group
@@ -301,7 +314,7 @@ def layer_flops(setup: dict, summary: dict, layer: dict, passes: dict) -> dict[s
     }
 
 
-def report(setup: dict, label: str, result: dict, rates: dict, out: Path) -> None:
+def report(setup: dict, label: str, result: dict, rates: dict, out: Path, max_length: int) -> None:
     summary = json.loads((out / "moemerge_calibration.json").read_text())
     plan = [line for line in result["err"].splitlines() if "peak host" in line]
     planned = float(plan[-1].split()[2]) * 1e9 if plan else float("nan")
@@ -314,7 +327,7 @@ def report(setup: dict, label: str, result: dict, rates: dict, out: Path) -> Non
     walk = 0.0
     for layer in summary["layers"]:
         tokens = sum(v["tokens"] for v in layer["domains"].values())
-        flops = layer_flops(setup, summary, layer, {})
+        flops = layer_flops(setup, layer, max_length)
         stages = layer.get("stages", {})
         walk += sum(v["seconds"] for v in stages.values())
         print(f"\nlayer {layer['layer']}: {tokens} real tokens, {layer['regmean']['experts']['passes']} RegMean passes")
@@ -439,8 +452,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="olmoe")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--experts", type=int, help="routed experts (default: the model's)")
-    parser.add_argument("--samples", type=int, default=8, help="samples of 256 tokens per domain")
-    parser.add_argument("--scale", type=int, nargs="+", default=[1], help="runs with these multiples of --samples")
+    parser.add_argument("--samples", type=int, default=8, help="samples of at most 256 tokens per domain")
+    parser.add_argument("--scale", type=int, nargs="+", default=[1], help="token multiples (text_at)")
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--max-memory", default="16GB")
     parser.add_argument("--threads", type=int, default=2)
@@ -482,14 +495,16 @@ def main() -> None:
             sys.exit(merged["err"])
         print(f"\nstage 1 (linear merge): {merged['seconds']:.0f} s, peak RssAnon {merged['RssAnon'] / 1e9:.2f} GB")
     for scale in args.scale:
-        path = recipe(root, setup, args.samples * scale, args)
+        samples, max_length = text_at(args.samples, scale)
+        path = recipe(root, setup, samples, args, max_length)
         out = root / f"out-{scale}x"
         command = [sys.executable, "-m", "moemerge", "run", str(path), "-o", str(out), "--stage1", str(stage1)]
         result = run_measured(command + ["--max-memory", args.max_memory, "--overwrite"], args.threads)
         if result["rc"]:
             print(result["err"][-4000:])
             continue
-        report(setup, f"{args.shape}, {args.samples * scale} samples per domain ({scale}x)", result, rates, out)
+        label = f"{args.shape}, {samples} samples of at most {max_length} tokens per domain ({scale}x)"
+        report(setup, label, result, rates, out, max_length)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(root / f"out-{scale}x.work", ignore_errors=True)
     if args.harc_lazy:
