@@ -163,6 +163,55 @@ def test_dead_rank_fails_the_run_and_the_rerun_resumes(setup: dict, distributed_
         assert shard.read_bytes() == (out / shard.name).read_bytes()
 
 
+@needs_gloo
+def test_distributed_experts_match_single_process_and_resume(setup: dict, tmp_path: Path) -> None:
+    """RegMean of the experts on 2 ranks, in groups of 2: the sums reduced over the ranks give the single process's
+    experts (to the rounding of the order they are summed in). Each rank writes and reads back its own copy of
+    each group of new experts (rank 0's work folder need not be shared with rank 1); a rerun replays the finished
+    layers from rank 0's group files, broadcast to rank 1, and ends byte-identical."""
+    from moemerge.calibrate.memory import ModelShape, expert_sums_bytes
+
+    two = expert_sums_bytes(ModelShape.of(load_layout(setup["average"]), CheckpointReader(setup["average"]))) * 2
+    regmean = OPTIONS.regmean.model_copy(update={"sums_budget_bytes": two})
+    options = OPTIONS.model_copy(update={"experts": True, "regmean": regmean})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = calibrate(str(setup["average"]), _domains(setup), tmp_path / "single", options, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "dist"
+    command = torchrun(*_calibrate_args(setup, out), "--experts", "--sums-budget-bytes", str(two))
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, _errors(result.stderr)
+    work = tmp_path / "dist.work"
+    assert len(list(work.glob("layer_0000.regmean.experts.*.safetensors"))) == 4  # 4 experts: 2 groups x 2 maps
+    a, b = CheckpointReader(single), CheckpointReader(out)
+    assert a.names() == b.names()
+    experts = [n for n in a.names() if ".experts." in n]
+    stage1 = CheckpointReader(setup["average"])
+    assert any(not torch.equal(a.read(n), stage1.read(n)) for n in experts)
+    for name in a.names():
+        x, y = a.read(name).double(), b.read(name).double()
+        assert (x - y).norm() <= 1e-5 * x.norm(), name
+
+    for path in work.glob("layer_000[3-5]*"):  # layers 3-5 unfinished: their routers and experts redone
+        path.unlink()
+    for path in work.glob("layer_000[12].*"):  # layers 1-2: experts finished (replayed), routers redone
+        if ".regmean." not in path.name:
+            path.unlink()
+    again = tmp_path / "again"
+    result = subprocess.run(
+        torchrun(*_calibrate_args(setup, again), "--work-dir", str(work), "--experts", "--sums-budget-bytes", str(two)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, _errors(result.stderr)
+    for shard in out.glob("*.safetensors"):
+        assert shard.read_bytes() == (again / shard.name).read_bytes(), shard.name
+
+
 def _write_recipe(setup: dict, path: Path, calibrate_section: bool) -> Path:
     sources = [str(s) for s in setup["sources"]]
     recipe = {

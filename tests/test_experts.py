@@ -243,15 +243,24 @@ def test_calibrated_experts_output_and_resume(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.randint(3, 90, (1, 8))).logits).all()
 
-    # resume: layer 1's experts are finished but not its router; layer 2 not started
+    # resume: layer 1's experts are finished but not its router (replayed from its group files); layer 2 was
+    # killed part way: some group files written, one of them from an earlier attempt with other groups
     work = tmp_path / "out.work"
-    for pattern in ("layer_0001.safetensors", "layer_0001.json", "layer_0002.*"):
+    assert sorted(p.name for p in work.glob("layer_0001.regmean.experts.*")) == [
+        "layer_0001.regmean.experts.down_proj.0000.safetensors",
+        "layer_0001.regmean.experts.gate_up_proj.0000.safetensors",
+    ]
+    for pattern in ("layer_0001.safetensors", "layer_0001.json", "layer_0002.json", "layer_0002.*safetensors"):
         for path in work.glob(pattern):
-            path.unlink()
+            if ".experts." not in path.name:
+                path.unlink()
+    stale = work / "layer_0002.regmean.experts.down_proj.0002.safetensors"
+    shutil.copy(work / "layer_0002.regmean.experts.down_proj.0000.safetensors", stale)
     shutil.rmtree(out)
     again = calibrate(str(setup["average"]), domains, out, options, progress=False)
     for name in stage1.names():
         assert torch.equal(CheckpointReader(again).read(name), calibrated.read(name)), name
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("variant", ["classic", "sequential"])

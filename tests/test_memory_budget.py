@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_specialists
+from safetensors import safe_open
 
 import moemerge.calibrate.memory as memory
 import moemerge.calibrate.runner as runner
@@ -145,15 +146,17 @@ def test_plan_counts_the_preconditioner_auto_picks_for_the_router_kind(family: s
     )
 
 
-def test_harc_only_budget_below_the_bank_reads_the_experts_from_disk(
-    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("experts", [False, True], ids=["harc", "harc+regmean"])
+def test_budget_below_the_bank_reads_the_experts_from_disk(
+    experts: bool, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HARC only, a budget that no plan holding the merged model's experts meets: the planner reads them from
-    disk when used (a lazy bank) instead of refusing, and the calibrated model is bit-identical to the one
-    computed with the experts held, at the same settings."""
+    """A budget that no plan holding the merged model's experts meets: the planner reads them from disk when used
+    (a lazy bank) instead of refusing, and the calibrated model is bit-identical to the one computed with the
+    experts held, at the same settings. With RegMean the new experts go to group files, which the lazy bank
+    reads back and the output is written from; no layer file holds them."""
     monkeypatch.setattr(runner, "process_held_bytes", lambda: 0)  # a budget to the byte, without the process's own
     merged, domains = str(setup["average"]), _domains(setup)
-    options = CalibrationOptions(batch_tokens=256, max_memory="unlimited")
+    options = CalibrationOptions(batch_tokens=256, max_memory="unlimited", experts=experts)
     held = Calibrator(merged, domains, options, tmp_path / "held.work")
     assert held.plan.merged_bank == "resident"
     shape = ModelShape.of(held.layout, CheckpointReader(merged))
@@ -161,7 +164,8 @@ def test_harc_only_budget_below_the_bank_reads_the_experts_from_disk(
     lengths = [[int(n) for b in d.batches for n in b.attention_mask.sum(1)] for d in held.domains]
     assert max(map(max, lengths)) > options.batch_tokens // 2  # no smaller batch to fall back to
     harc = options.harc.model_copy(update={"preconditioner": "none"})
-    smallest = options.model_copy(update={"harc": harc})
+    one = options.regmean.model_copy(update={"sums_budget_bytes": memory.expert_sums_bytes(shape)})
+    smallest = options.model_copy(update={"harc": harc, "regmean": one})
     unlimited = parse_budget("unlimited", "cpu")
     least_held = plan_memory(shape, lengths, smallest, unlimited).host_bytes  # the smallest plan holding them
     lazy = Calibrator(merged, domains, options.model_copy(update={"max_memory": least_held - 1}), tmp_path / "w")
@@ -170,7 +174,7 @@ def test_harc_only_budget_below_the_bank_reads_the_experts_from_disk(
     bank = bank_of(experts_module(lazy.walker.materialize(1), "merged")[1])
     assert bank is not None and not bank.resident
     lazy.walker.release(1)
-    same = lazy.plan.apply(options)  # the same batch and preconditioner, experts held
+    same = lazy.plan.apply(options)  # the same batch, preconditioner and RegMean groups, experts held
     reference = Calibrator(merged, domains, same, tmp_path / "ref.work")
     assert reference.plan.merged_bank == "resident"
     for calibrator, out in ((lazy, tmp_path / "lazy"), (reference, tmp_path / "ref")):
@@ -179,6 +183,19 @@ def test_harc_only_budget_below_the_bank_reads_the_experts_from_disk(
     got, want = CheckpointReader(tmp_path / "lazy"), CheckpointReader(tmp_path / "ref")
     assert got.names() == want.names()
     assert all(torch.equal(got.read(n), want.read(n)) for n in want.names())
+    if experts:
+        stage1 = CheckpointReader(merged)
+        changed = {n for n in want.names() if ".experts." in n and not torch.equal(want.read(n), stage1.read(n))}
+        assert changed and changed == set(lazy.regmean.replaced)
+        groups = list((tmp_path / "w").glob("layer_*.regmean.experts.*.safetensors"))
+        in_groups: set[str] = set()
+        for group in groups:
+            with safe_open(str(group), framework="pt") as handle:
+                in_groups |= set(handle.keys())
+        assert changed <= in_groups
+        for layer in (tmp_path / "w").glob("layer_*.regmean.safetensors"):
+            with safe_open(str(layer), framework="pt") as handle:
+                assert not [n for n in handle.keys() if ".experts." in n], layer
 
 
 def test_plan_counts_what_the_process_holds(setup: dict, tmp_path: Path) -> None:

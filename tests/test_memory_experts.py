@@ -20,6 +20,7 @@ from moemerge.architectures.layout import load_layout
 from moemerge.architectures.tiny import save_tiny_model
 from moemerge.calibrate.memory import (
     MemoryBudget,
+    MemoryPlanError,
     ModelShape,
     expert_sums_bytes,
     group_bytes,
@@ -91,7 +92,11 @@ def test_experts_add_the_regmean_terms_to_the_plan() -> None:
     assert parts["its experts in a bank (storage dtype)"] == 2 * E * (A + C)
     assert parts["one source's decoder layer (read, converted)"] == 3 * rest + 2 * 4 * d * d
     assert parts["RegMean: sums and solutions, groups of 8"] == E * (sums_a + sums_c) + 8 * E * A + E * A * 2
-    assert parts["RegMean: new experts as saved"] == 2 * E * (A + C)
+    # each map's solution goes to a group file as it is solved (within the solve's term): no layer of new experts
+    assert not [what for what in parts if "new experts" in what]
+    assert "RegMean: new experts as saved, and converted" in {
+        w for w, _, _ in plan_memory(SHAPE, LENGTHS, options, MemoryBudget()).parts
+    }
     assert plan.host_bytes - harc_banked.host_bytes == (
         rest
         + (T + t_max) * d * s
@@ -184,17 +189,22 @@ def test_short_budget_lowers_the_sums_budget_and_keeps_the_result(
 
 
 def test_budget_below_one_expert_stops_before_any_work(setup: dict, tmp_path: Path) -> None:
-    """HARC alone would fit; RegMean does not even one expert at a time, in bfloat16, without a preconditioner."""
+    """HARC alone would fit; RegMean does not, even with the merged experts read from disk, one expert at a time,
+    in bfloat16, without a preconditioner (the smallest plan, the planner's last)."""
     options = CalibrationOptions(experts=True, **SMALL | {"batch_tokens": 64})
     shape, lengths = _shape_and_lengths(setup, options)
-    one = options.regmean.model_copy(update={"sums_budget_bytes": expert_sums_bytes(shape)})
-    harc_options = options.harc.model_copy(update={"preconditioner": "none"})
-    smallest = options.model_copy(update={"regmean": one, "activation_dtype": "bfloat16", "harc": harc_options})
-    harc = plan_memory(shape, lengths, smallest.model_copy(update={"experts": False}), MemoryBudget())
-    budget = plan_memory(shape, lengths, smallest, MemoryBudget()).host_bytes - 1
-    assert budget >= harc.host_bytes
+    assert shape.banked
+    with pytest.raises(MemoryPlanError) as refused:
+        plan_memory(shape, lengths, options, MemoryBudget(host=1))
+    smallest = refused.value.plan
+    assert (smallest.merged_bank, smallest.expert_group, smallest.activation_dtype) == ("lazy", 1, "bfloat16")
+    assert smallest.preconditioner == "none"
+    budget = smallest.host_bytes - 1
+    assert plan_memory(shape, lengths, options.model_copy(update={"experts": False}), MemoryBudget(host=budget))
     with pytest.raises(ValueError, match="cannot be met.*RegMean experts in groups of 1"):
         plan_memory(shape, lengths, options, MemoryBudget(host=budget))
+    just = plan_memory(shape, lengths, options, MemoryBudget(host=budget + 1))  # a byte more: it runs that way
+    assert (just.merged_bank, just.expert_group, just.activation_dtype) == ("lazy", 1, "bfloat16")
     with pytest.raises(ValueError, match="--max-memory.*cannot be met"):
         Calibrator(
             str(setup["average"]), _domains(setup), options.model_copy(update={"max_memory": budget}), tmp_path / "w"

@@ -26,9 +26,12 @@ Variants (``RegMeanOptions.variant``; ``sequential`` is the default, measured in
 Every source is folded into two running float64 sums per map as it streams (``RegMeanSums``,
 moemerge/calibrate/regmean_sums.py), so the memory of the sums does not grow with K; per-batch products
 run in ``work_dtype``. The merged layer's experts are held in their storage dtype (an ``ExpertBank``,
-moemerge/calibrate/fused_experts.py) and the sources' are read one expert at a time, so a layer's
-experts exist once in memory, whatever the group size. An expert that no
-source routes at least ``min_tokens`` tokens to keeps its stage-1 weights. docs/EXPERTS.md has the
+moemerge/calibrate/fused_experts.py), or read from disk when used where the memory plan has no room for
+them, and the sources' are read one expert at a time, so a layer's experts exist at most once in memory,
+whatever the group size. Each group's solved experts are written to the work folder as the on-disk tensors
+they replace, as soon as they are solved, and the bank takes them from there: no whole layer of new experts
+is ever held or serialised at once. An expert that no source routes at least ``min_tokens`` tokens to keeps
+its stage-1 weights. docs/EXPERTS.md has the
 decisions (routing weights, rank-deficient fallback, memory, costs) and measurements.
 """
 
@@ -40,14 +43,16 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from moemerge.architectures.layout import ArchitectureError, ModelLayout, load_layout
-from moemerge.calibrate.fused_experts import FusedExperts, bank_of, expert_call, experts_module
+from moemerge.calibrate.fused_experts import ExpertBank, FusedExperts, bank_of, expert_call, experts_module
 from moemerge.calibrate.options import CalibrationOptions, RegMeanOptions
 from moemerge.calibrate.regmean_sums import RegMeanSums, augment, fold_expert_batch
 from moemerge.calibrate.stages import StageClock
@@ -173,10 +178,12 @@ class RegMeanCalibration:
     Driven by the walk of the merged model (:class:`MergedWalk`, the runner's ``Calibrator``):
     ``run_layer(l, merged_layer)`` is called for every decoder layer before the router of that layer is
     solved; it advances every source by one layer and, for a layer with something to calibrate, solves,
-    installs (cast to the checkpoint's dtype, as it will be saved) and saves the layer's new tensors to the work folder
-    (``layer_NNNN.regmean.safetensors`` in the in-memory layout, ``.json`` summary). A finished layer
-    is replayed from there. ``read(name)`` gives the output's replaced on-disk tensors, converted
-    back with transformers' own save-time conversion.
+    installs (cast to the checkpoint's dtype, as it will be saved) and saves the layer's new tensors to the
+    work folder: experts in a bank group by group as their on-disk tensors
+    (``layer_NNNN.regmean.experts.MATRIX.FIRST.safetensors``), everything else in the in-memory layout
+    (``layer_NNNN.regmean.safetensors``, written last with the ``.json`` summary, which lists the group files).
+    A finished layer is replayed from there. ``read(name)`` gives the output's replaced on-disk tensors (those
+    in the in-memory layout converted back with transformers' own save-time conversion).
     """
 
     def __init__(self, calibrator: MergedWalk):
@@ -191,6 +198,10 @@ class RegMeanCalibration:
         self._reduce: Callable[[Tensor], Tensor] = ranks.reduce if ranks is not None else (lambda t: t)
         self._is_writer = ranks.is_writer if ranks is not None else True
         self._on_writer: Callable[[Callable], Any] = ranks.on_writer if ranks is not None else (lambda work: work())
+        self._distributed = bool(ranks is not None and ranks.distributed)
+        # every rank reads the experts it solves back from a file; rank 0's work folder may not be this rank's
+        self._scratch = TemporaryDirectory(prefix="moemerge-regmean-") if not self._is_writer else None
+        self.expert_files: dict[str, Path] = {}  # on-disk name -> the group file holding its new value
         self.sources = [SourceWalk(state.name, calibrator, state.batches) for state in calibrator.domains]
         self.replaced: dict[str, int] = {}  # on-disk name -> layer whose work file holds it
         self.summaries: dict[int, dict] = {}
@@ -204,6 +215,10 @@ class RegMeanCalibration:
 
     def _file(self, index: int) -> Path:
         return self.work_dir / f"layer_{index:04d}.regmean.safetensors"
+
+    def _own_folder(self) -> Path:
+        """Where this rank writes the experts it solves: the work folder on rank 0, a scratch folder elsewhere."""
+        return self.work_dir if self._scratch is None else Path(self._scratch.name)
 
     def _calibrates(self, index: int) -> bool:
         return index in self.moe or self.options.linear_layers == "all"
@@ -227,6 +242,9 @@ class RegMeanCalibration:
         if replay is not None:
             tensors, summary = replay
             self._install(tensors)
+            bank = self._bank(merged_layer, index)
+            for name in summary["expert_files"]:
+                self._rewrite(bank, self._finished_file(name))
             for source in self.sources:
                 self._advance(source, index)
         else:
@@ -236,7 +254,34 @@ class RegMeanCalibration:
                     self._save(done, tensors, summary)
         self.replaced.update({name: index for name in summary["replaced"]})
         self.summaries[index] = summary
-        return {k: v for k, v in summary.items() if k != "replaced"}
+        return {k: v for k, v in summary.items() if k not in ("replaced", "expert_files")}
+
+    def _bank(self, merged_layer: torch.nn.Module, index: int) -> ExpertBank | None:
+        """The bank holding layer `index`'s experts (None: a dense layer, or experts converted with the layer)."""
+        if index not in self.moe:
+            return None
+        return bank_of(experts_module(merged_layer, f"{self.layout.layers_module}.{index}")[1])
+
+    def _finished_file(self, name: str) -> Path:
+        """A finished layer's group file on this rank: in rank 0's work folder, copied into this rank's scratch
+        folder on the others (broadcast from rank 0: the work folder need not be shared)."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.work_dir / name
+        if not self._distributed:
+            return path
+        tensors = self._on_writer(partial(load_file, str(path)))
+        if self._scratch is None:
+            return path
+        save_file(tensors, str(self._own_folder() / name))
+        return self._own_folder() / name
+
+    def _rewrite(self, bank: ExpertBank | None, file: Path) -> None:
+        if bank is None:
+            raise ValueError(f"{file}: new experts for a layer whose experts are not in a bank")
+        bank.rewrite(file)
+        if self._is_writer:
+            self.expert_files.update(dict.fromkeys(_names_in(file), file))
 
     def _layer_inputs(self, index: int, batch: Batch) -> dict:
         return self.walker.layer_inputs(batch.input_ids, batch.attention_mask)[index][1]
@@ -311,12 +356,18 @@ class RegMeanCalibration:
         info = self.moe.get(index)
         merged_fused = None
         tasks = [_Task([], "none", True)]
+        written: list[str] = []  # group files of new experts in a bank
+        changed: list[str] = []  # on-disk tensors in them that differ from stage 1
         if info is not None:
             name, module = experts_module(merged_layer, prefix)
             experts_name = f"{prefix}.{name}"
-            if bank_of(module) is None:  # a bank holds its own copy; a parameter may be the reader's mapped tensor
+            bank = bank_of(module)
+            if bank is None:  # a bank holds its own copy; a parameter may be the reader's mapped tensor
                 for pname in FusedExperts(module).parameter_names():
                     _own(module, pname)
+            elif self._is_writer:  # a group file left by an earlier, unfinished attempt at this layer
+                for stale in self.work_dir.glob(f"layer_{index:04d}.regmean.experts.*"):
+                    stale.unlink()
             merged_fused = FusedExperts(module)
             num_experts, inter2, d_in = merged_fused.shape("gate_up_proj")
             d_out, inter_in = merged_fused.shape("down_proj")[1:]
@@ -370,10 +421,21 @@ class RegMeanCalibration:
                     solution, fell_back = sums.solve(stage1)
                 del stage1
                 fallbacks += int((fell_back & enough).sum())
-                for j, e in enumerate(task.experts):
-                    if enough[j]:
-                        merged_fused.set(pname, e, self._as_saved(f"{experts_name}.{pname}", solution[j]))
-                del solution  # in the bank now
+                solved = [(e, solution[j]) for j, e in enumerate(task.experts) if enough[j]]
+                if bank is None:
+                    for e, matrix in solved:
+                        merged_fused.set(pname, e, self._as_saved(f"{experts_name}.{pname}", matrix))
+                    del solution, solved  # in the module now
+                    continue
+                new = {n: t for e, matrix in solved for n, t in bank.on_disk(pname, e, matrix).items()}
+                first = solved[0][0] if solved else None
+                del solution, solved  # copied as stored: the group file is written without them
+                if new:
+                    with self.clock("write"):
+                        file, differ = self._write_experts(index, bank, f"{pname}.{first:04d}", new)
+                    written.append(file.name)
+                    changed += differ
+                del new
             if task.phase != "down":
                 calibrated += [e for j, e in enumerate(task.experts) if enough[j]]
             # nothing of this task outlives it: the next one allocates its sums beside none of these (group_bytes)
@@ -383,7 +445,8 @@ class RegMeanCalibration:
         summary: dict[str, Any] = {"seconds": 0.0}
         if info is not None:
             tokens = self._reduce(tokens)
-            tensors.update({f"{experts_name}.{n}": merged_fused.tensor(n) for n in merged_fused.parameter_names()})
+            if bank is None:
+                tensors.update({f"{experts_name}.{n}": merged_fused.tensor(n) for n in merged_fused.parameter_names()})
             summary["experts"] = {
                 "calibrated": len(calibrated),
                 "kept_stage1": num_experts - len(calibrated),
@@ -397,9 +460,28 @@ class RegMeanCalibration:
             summary["linears"] = self._solve_linears(merged_layer, prefix, linears, tensors)
         tensors = {n: t.detach().to(self._disk_dtype(n)).cpu().contiguous() for n, t in tensors.items()}
         check_tensors(tensors, f"layer {index}: solved")
-        summary["replaced"] = self._changed(tensors)
+        summary["replaced"] = sorted(self._changed(tensors) + changed)
+        summary["expert_files"] = written
         summary["seconds"] = round(time.perf_counter() - start, 4)
         return tensors, summary
+
+    def _write_experts(
+        self, index: int, bank: ExpertBank, group: str, tensors: dict[str, Tensor]
+    ) -> tuple[Path, list[str]]:
+        """Write a group's solved experts, as the on-disk tensors they replace, to this rank's folder (on rank 0
+        the work folder, where a resumed run finds them) and hand them to the bank. Returns the file and the
+        tensors in it that differ from stage 1."""
+        from safetensors.torch import save_file
+
+        check_tensors(tensors, f"layer {index}: solved")
+        reader = self.walker.reader
+        changed = [n for n, t in tensors.items() if not torch.equal(t, reader.read(n))]
+        file = self._own_folder() / f"layer_{index:04d}.regmean.experts.{group}.safetensors"
+        tmp = file.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.rename(file)
+        self._rewrite(bank, file)
+        return file, changed
 
     def _merged_expert_inputs(self, merged_layer: torch.nn.Module, index: int, k: int) -> list[Tensor]:
         """Expert inputs of domain k's real tokens in the model being calibrated (one tensor per batch)."""
@@ -550,10 +632,6 @@ class RegMeanCalibration:
         for name, tensor in tensors.items():
             owner, _, attr = name.rpartition(".")
             module = self.walker.model.get_submodule(owner)
-            bank = bank_of(module)
-            if bank is not None:
-                bank.replace(attr, tensor)
-                continue
             param = module._parameters[attr]
             module._parameters[attr] = torch.nn.Parameter(tensor.to(param.device, param.dtype), requires_grad=False)
 
@@ -572,6 +650,11 @@ class RegMeanCalibration:
         """A replaced on-disk tensor of the output (its layer's work file, converted back to on-disk names)."""
         from safetensors.torch import load_file
 
+        if name in self.expert_files:
+            from safetensors import safe_open
+
+            with safe_open(str(self.expert_files[name]), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
         index = self.replaced[name]
         if self._cache is None or self._cache[0] != index:
             self._cache = (index, self._disk_names(load_file(str(self._file(index)))))
@@ -581,9 +664,19 @@ class RegMeanCalibration:
         """Options and per-layer summaries for the output's calibration report."""
         return {
             "options": self.options.model_dump(mode="json"),
-            "layers": {str(i): {k: v for k, v in s.items() if k != "replaced"} for i, s in self.summaries.items()},
+            "layers": {
+                str(i): {k: v for k, v in s.items() if k not in ("replaced", "expert_files")}
+                for i, s in self.summaries.items()
+            },
             "replaced_tensors": len(self.replaced),
         }
+
+
+def _names_in(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as handle:
+        return list(handle.keys())
 
 
 def _token_stats(counts: Tensor) -> dict[str, float]:

@@ -7,9 +7,12 @@ pieces and the float32 result at once (about 3 layers plus its on-disk bytes). A
 instead keeps the experts in their storage dtype and hands them out one expert at a time:
 
 - ``resident``: the fused tensors in the checkpoint's dtype (the on-disk bytes once), filled piece by
-  piece from the checkpoint; the merged model's experts, which RegMean rewrites in place;
+  piece from the checkpoint (the merged model's experts, when the memory plan has room for them);
 - ``lazy``: nothing held; each expert is read from the memory-mapped checkpoint when it is used (the
-  sources' experts, read in every pass).
+  sources' experts, read in every pass, and the merged model's when the plan has no room for them).
+
+RegMean writes the experts it solves, a group at a time, to work files of on-disk tensors
+(:meth:`ExpertBank.rewrite`): a resident bank copies them in, a lazy one reads them from there.
 
 :func:`expert_forward` is the experts module's forward over a bank: a group of experts (about 256 MB in
 the forward dtype) is cast at once and the tokens routed to them go through one grouped matrix product
@@ -24,7 +27,8 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -71,7 +75,8 @@ class ExpertBank:
 
     Built from :func:`moemerge.architectures.layout.expert_pieces`: expert e's rows of a fused tensor are
     the listed on-disk tensors, in order. ``resident`` keeps the fused tensors (filled one piece at a time);
-    otherwise every :meth:`matrix` call reads its pieces from the checkpoint.
+    otherwise every :meth:`matrix` call reads its pieces from the checkpoint, or from the work file that
+    rewrote them (:meth:`rewrite`).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class ExpertBank:
         self.dtype = dtype
         self.device = torch.device(device)
         self.tensors: dict[str, Tensor] = {}
+        self._rewritten: dict[str, Any] = {}  # on-disk name -> open handle of the work file that holds it now
         if resident:
             for name, shape in shapes.items():
                 fused = torch.empty(shape, dtype=dtype, device=device)  # on a GPU, filled there piece by piece
@@ -105,11 +111,15 @@ class ExpertBank:
     def resident(self) -> bool:
         return bool(self.tensors)
 
+    def _read(self, name: str) -> Tensor:
+        handle = self._rewritten.get(name)
+        return self.reader.read(name) if handle is None else handle.get_tensor(name)
+
     def matrix(self, name: str, expert: int) -> Tensor:
         """Expert `expert`'s matrix `name` (out x in) in the storage dtype."""
         if self.tensors:
             return self.tensors[name][expert]
-        parts = [self.reader.read(piece.name) for piece in self.pieces[name][expert]]
+        parts = [self._read(piece.name) for piece in self.pieces[name][expert]]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def group(self, name: str, first: int, last: int) -> Tensor:
@@ -124,15 +134,37 @@ class ExpertBank:
             raise ValueError(f"{self.reader.model_dir}: a lazy expert bank holds no fused {name}")
         return self.tensors[name]
 
-    def set(self, name: str, expert: int, matrix: Tensor) -> None:
-        """Replace one expert's matrix (resident only); the value is stored in the bank's dtype."""
-        self.tensor(name)[expert] = matrix.to(self.dtype)
+    def on_disk(self, name: str, expert: int, matrix: Tensor) -> dict[str, Tensor]:
+        """Expert `expert`'s new matrix `name` as the on-disk tensors it is stored in, each its own copy in the
+        bank's dtype (what :meth:`rewrite` reads back)."""
+        if tuple(matrix.shape) != tuple(self.shapes[name][1:]):
+            raise ValueError(
+                f"{name}: expert {expert}'s matrix of shape {tuple(matrix.shape)}, expected {self.shapes[name][1:]}"
+            )
+        return {
+            piece.name: matrix[piece.start : piece.stop].to("cpu", self.dtype, copy=True)
+            for piece in self.pieces[name][expert]
+        }
 
-    def replace(self, name: str, fused: Tensor) -> None:
-        """Replace a whole fused tensor (a finished layer replayed from the work folder)."""
-        if tuple(fused.shape) != tuple(self.shapes[name]):
-            raise ValueError(f"{name}: replacement of shape {tuple(fused.shape)}, expected {self.shapes[name]}")
-        self.tensors[name] = fused.to(self.device, self.dtype)
+    def rewrite(self, file: Path) -> None:
+        """The on-disk tensors in the safetensors `file` replace the checkpoint's from now on: a resident bank
+        copies them in, a lazy one reads them from `file` when they are used."""
+        from safetensors import safe_open
+
+        handle = safe_open(str(file), framework="pt", device="cpu")
+        names = set(handle.keys())
+        for name, experts in self.pieces.items():
+            for e, own in enumerate(experts):
+                for piece in own:
+                    if piece.name not in names:
+                        continue
+                    if self.tensors:
+                        self.tensors[name][e, piece.start : piece.stop] = handle.get_tensor(piece.name)
+                    else:
+                        self._rewritten[piece.name] = handle
+                    names.discard(piece.name)
+        if names:
+            raise ValueError(f"{file}: holds {sorted(names)[0]}, which is not one of this bank's experts")
 
 
 def bank_of(module: torch.nn.Module) -> ExpertBank | None:
@@ -282,8 +314,7 @@ class FusedExperts:
     def set(self, name: str, expert: int, matrix: Tensor) -> None:
         """Write expert `expert`'s [W | b] of `name` (gate_up_proj or down_proj) into the module."""
         if self.bank is not None:
-            self.bank.set(name, expert, matrix)
-            return
+            raise TypeError(f"{name}: experts in a bank are rewritten through ExpertBank.rewrite, not set")
         with torch.no_grad():
             weight = self.module._parameters[name]
             w = matrix[:, : matrix.shape[1] - int(self.bias)]

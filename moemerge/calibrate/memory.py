@@ -31,9 +31,10 @@ size, E experts, K domains, T_i the padded and N_i the real tokens of domain i o
 A bank (``ModelShape.banked``; moemerge/calibrate/fused_experts.py) holds a layer's routed experts in
 their storage dtype, read piece by piece, whenever their on-disk tensors are one expert's rows each
 (``expert_pieces``): the merged model's resident (X bytes), a source's lazy (read one expert at a time
-when used, nothing held). Other layouts (GPT-OSS) are converted whole, as before. Without ``experts`` (HARC
-only) the merged model's bank may be lazy too (``MemoryPlan.merged_bank``): X = 0, and every forward batch
-reads the layer's experts from the checkpoint (the page cache, or the disk when the layer does not fit in it).
+when used, nothing held). Other layouts (GPT-OSS) are converted whole, as before. The merged model's bank
+may be lazy too (``MemoryPlan.merged_bank``): X = 0, and every forward batch reads the layer's experts from
+the checkpoint (the page cache, or the disk when the layer does not fit in it), and RegMean's new experts
+from the group files it wrote them to.
 
 With ``experts`` (routing-aware RegMean, moemerge/calibrate/experts.py) each layer first makes
 passes over the sources (one per group of experts; sequential: per group and projection), each
@@ -58,9 +59,10 @@ p those of a stage-1 expert number as the layer holds it (q with a bank, else f)
                  the work dtype:  (B (4 d + 6 I) + in^2 + 2 out in) w + (2a + c) w + (a + c) q
     inputs       sequential: one domain's merged-model expert inputs:  N_max d f
     linears      ``linear_layers: all``: the sums of every other linear of the layer:  sum of 8 (out in + in^2)
-    output       the new experts in the checkpoint's dtype as saved:  X with a bank (its tensors are
-                 saved as they are), else 2 E (a + c) q' (a copy, and its on-disk conversion; q' the
-                 checkpoint's bytes per number)
+    output       without a bank, the new experts in the checkpoint's dtype as saved:  2 E (a + c) q' (a copy,
+                 and its on-disk conversion; q' the checkpoint's bytes per number); with a bank, each
+                 map's solution is written to a group file as it is solved, as on-disk tensors (g max(a, c)
+                 q and its serialised copy, within the solve's term; on a GPU in host memory beside it)
 
     load    = resident + layer + T d s + sources + source layer (converting) + sums + linears
     pass    = resident + layer + cast + batch + T d s + sources + source layer + sums + fold + inputs + linears
@@ -85,8 +87,8 @@ To meet a budget the planner, in this order, halves the forward batch (down to
 the longest sample; slower, same result), on a GPU keeps the hidden states in host memory (one
 copy to the GPU per batch and layer), with ``experts`` lowers ``sums_budget_bytes`` so that the
 experts are done in more, smaller groups (one more pass over the sources per group; same result),
-falls back to a weaker preconditioner (more CG iterations, same result), without ``experts`` reads
-the merged model's experts from disk when used instead of holding them (slower, same result), and
+falls back to a weaker preconditioner (more CG iterations, same result), reads the merged model's
+experts from disk when used instead of holding them (slower, same result), and
 stores activations in bfloat16 instead of float32 (changes the result slightly: benchmarks/scaling.py
 measures by how much). A budget that the smallest plan still exceeds is an error before any work starts.
 """
@@ -424,7 +426,7 @@ class MemoryPlan:
     on_gpu: bool
     merged_bank: Literal["resident", "lazy"] = "resident"
     """How the walk holds the merged model's routed experts: ``resident`` (a bank of the layer's on-disk bytes)
-    or ``lazy`` (read from the checkpoint when a batch needs them; HARC only: RegMean rewrites a resident bank)."""
+    or ``lazy`` (read from the checkpoint, or RegMean's group files, when a batch needs them)."""
 
     def apply(self, options: CalibrationOptions) -> CalibrationOptions:
         """``options`` with the planned batch, storage dtype, preconditioner and RegMean sums budget."""
@@ -486,8 +488,8 @@ def group_bytes(shape: ModelShape, group: int, variant: str, slice_bytes: int) -
 
     Mirrors ``RegMeanCalibration._calibrate``: a task's sums (both maps, classic; one, sequential) live
     through its passes and solves; each map's solve returns a float64 matrix per expert, next to the
-    experts' stage-1 slice, and is written into the bank before the next map's; nothing of a task is
-    referenced once it is done, so tasks do not overlap and the output phase holds no sums.
+    experts' stage-1 slice, and is written (to the module, or a bank's group file) before the next map's;
+    nothing of a task is referenced once it is done, so tasks do not overlap and the output phase holds no sums.
     """
     (o_a, i_a), (o_c, i_c) = shape.expert_maps
     a, c = o_a * i_a, o_c * i_c
@@ -609,8 +611,11 @@ def _regmean_terms(
     layer = shape.layer_bytes(f, resident_bank=False)  # a source's experts are read from disk when used (lazy bank)
     loading = layer if work == "device" else layer + shape.converting_bytes(f)  # on a GPU, converted on the host
     slice_bytes = shape.expert_number_bytes if shape.banked else f
-    # a bank's tensors are saved as they are (one serialised copy); from a GPU they are copied to the host first
-    output = disk if shape.banked and work == "host" else 2 * disk
+    if shape.banked:  # a group's solution as on-disk tensors and their serialised copy; on a GPU, on the host
+        group_file = 2 * group * max(o_a * i_a, o_c * i_c) * shape.expert_number_bytes
+        saved = ("RegMean: a group's new experts, written", "host", {"regmean": group_file if work == "device" else 0})
+    else:
+        saved = ("RegMean: new experts as saved, and converted", "host", {"output": 2 * disk})
     return [
         (
             f"sources' hidden ({T} + {t_max} tokens)",
@@ -631,7 +636,7 @@ def _regmean_terms(
         ),
         (f"RegMean: expert inputs ({n_max} tokens)", work, {"pass": n_max * d * f if sequential else 0}),
         ("RegMean: sums of the other linears", work, dict.fromkeys(("load", "pass", "regmean", "output"), linear_sums)),
-        ("RegMean: new experts as saved" + ("" if shape.banked else ", and converted"), "host", {"output": output}),
+        saved,
     ]
 
 
@@ -679,10 +684,8 @@ def plan_memory(
     if requested == resolve_auto(options.harc.preconditioner, shape.experts, shape.hidden + 1, shape.router_kind):
         preconditioners[0] = options.harc.preconditioner  # "auto" stays "auto" while what it stands for fits
     placements = ["device", "host"] if on_gpu else ["host"]
-    # HARC only: the merged model's experts may be read from disk when used instead of held (RegMean rewrites them)
-    banks: list[Literal["resident", "lazy"]] = (
-        ["resident", "lazy"] if shape.banked and not options.experts else ["resident"]
-    )
+    # the merged model's experts may be read from disk when used instead of held
+    banks: list[Literal["resident", "lazy"]] = ["resident", "lazy"] if shape.banked else ["resident"]
     groups = _expert_groups(shape, options)  # (experts per group, sums_budget_bytes)
     tokens_by_batch = {bt: rank_tokens(lengths, bt, world_size) for bt in batches}
 

@@ -90,10 +90,15 @@ def _checkpoint_stamp(model_dir: str) -> list:
     ]
 
 
+WORK_FORMAT = 2
+"""Layout of a work folder's files; a folder written in another one is not resumed (2: RegMean's experts in a bank
+are written group by group as on-disk tensors)."""
+
+
 def _fingerprint(merged: str, domains: list[Domain], options: CalibrationOptions) -> str:
-    """What a work folder's finished layers depend on: checkpoints, options and calibration text."""
+    """What a work folder's finished layers depend on: checkpoints, options, calibration text and its layout."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([_checkpoint_stamp(merged), options.model_dump(mode="json")]).encode())
+    digest.update(json.dumps([WORK_FORMAT, _checkpoint_stamp(merged), options.model_dump(mode="json")]).encode())
     for domain in domains:
         digest.update(json.dumps(_checkpoint_stamp(domain.source)).encode())
         for file in domain.files:
@@ -104,7 +109,10 @@ def _fingerprint(merged: str, domains: list[Domain], options: CalibrationOptions
 def _prepare_work_dir(work_dir: Path, fingerprint: str) -> None:
     stamp = work_dir / "fingerprint.txt"
     if stamp.exists() and stamp.read_text() != fingerprint:
-        raise ValueError(f"{work_dir}: holds a calibration of other inputs or options; remove it or pick another")
+        raise ValueError(
+            f"{work_dir}: holds a calibration of other inputs or options (or of another moemerge version); "
+            "remove it or pick another"
+        )
     work_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
 
@@ -250,7 +258,7 @@ class Calibrator:
         self.dtype = getattr(torch, options.forward_dtype)
         self.storage = getattr(torch, options.activation_dtype)
         self.hidden_device = torch.device("cpu") if self.plan.hidden_on == "host" else self.ranks.device
-        self.walker = LayerWalker(  # experts in a bank, in their storage dtype: held (RegMean rewrites them) or lazy
+        self.walker = LayerWalker(  # experts in a bank, in their storage dtype: held, or read when used
             merged,
             self.layout,
             dtype=self.dtype,
