@@ -371,7 +371,7 @@ def full_model_plans() -> None:
         shape = ModelShape(
             hidden=d, experts=E, top_k=k, heads=heads, expert_width=inter, layer_numbers=routed + other,
             resident_numbers=d, layer_disk_bytes=2 * (routed + other), expert_maps=((2 * inter, d), (d, inter)),
-            banked=True, expert_disk_bytes=2 * routed,
+            banked=True, expert_disk_bytes=2 * routed, router_kind="sigmoid" if model == "DeepSeek-V3" else "softmax",
         )  # fmt: skip
         for label, device, budget, ranks, lengths in runs:
             for experts in (False, True):

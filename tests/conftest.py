@@ -147,4 +147,3 @@ def rank_pid(tag: str, rank: int, timeout: float = 120) -> int:
                 return int(proc.name)
         time.sleep(0.05)
     raise AssertionError(f"no torchrun worker of rank {rank} appeared")
-

@@ -163,14 +163,24 @@ def test_short_budget_lowers_the_sums_budget_and_keeps_the_result(
     def sums_budget(n: int | None) -> CalibrationOptions:
         return options.model_copy(update={"regmean": options.regmean.model_copy(update={"sums_budget_bytes": n})})
 
-    budget = MemoryBudget(host=plan_memory(shape, lengths, sums_budget(2 * unit), MemoryBudget()).host_bytes)
-    assert plan_memory(shape, lengths, options, MemoryBudget()).host_bytes > budget.host  # one group of 4
+    # groups of 2 with the merged experts read from disk: the planner tries one group of 4 held, then read from
+    # disk (neither fits), then groups of 2 held, then read from disk
+    held_in_twos = plan_memory(shape, lengths, sums_budget(2 * unit), MemoryBudget()).host_bytes
+    budget = MemoryBudget(
+        host=plan_memory(shape, lengths, sums_budget(2 * unit), MemoryBudget(host=held_in_twos - 1)).host_bytes
+    )
+    one_group = plan_memory(shape, lengths, options, MemoryBudget())
+    assert (one_group.expert_group, one_group.merged_bank) == (4, "resident") and one_group.host_bytes > budget.host
     harc = options.model_copy(update={"experts": False})
     assert plan_memory(shape, lengths, harc, budget).changes == ()  # HARC alone fits as asked
 
     plan = plan_memory(shape, lengths, options, budget)
     assert (plan.expert_group, plan.sums_budget_bytes, plan.host_bytes) == (2, 2 * unit, budget.host)
-    assert plan.changes == (f"regmean sums_budget_bytes {2**33} -> {2 * unit} (experts in groups of 2)",)
+    assert plan.merged_bank == "lazy"
+    assert plan.changes == (
+        "the merged model's experts read from disk when used, not held (slower, same result)",
+        f"regmean sums_budget_bytes {2**33} -> {2 * unit} (experts in groups of 2)",
+    )
     assert f"RegMean sums_budget_bytes {2 * unit} (experts in groups of 2)" in plan.describe()
     assert plan.apply(options) == sums_budget(2 * unit)
 

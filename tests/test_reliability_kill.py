@@ -34,7 +34,6 @@ from moemerge.cli import main
 OUT = "merged"
 
 
-
 def start(cwd: Path, recipe: Path, limit: int | None = None) -> subprocess.Popen:
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -85,10 +85,11 @@ RegMean's output is written from host memory.
 
 To meet a budget the planner, in this order, halves the forward batch (down to
 the longest sample; slower, same result), on a GPU keeps the hidden states in host memory (one
-copy to the GPU per batch and layer), with ``experts`` lowers ``sums_budget_bytes`` so that the
-experts are done in more, smaller groups (one more pass over the sources per group; same result),
-falls back to a weaker preconditioner (more CG iterations, same result), reads the merged model's
-experts from disk when used instead of holding them (slower, same result), and
+copy to the GPU per batch and layer), reads the merged model's experts from disk when used instead
+of holding them (slower, same result: at OLMoE width 10 % more time for HARC, benchmarks/real_width.py),
+with ``experts`` lowers ``sums_budget_bytes`` so that the experts are done in more, smaller groups (each
+group one more pass over the sources, each costing more than reading the experts again; same result),
+falls back to a weaker preconditioner (more CG iterations, same result), and
 stores activations in bfloat16 instead of float32 (changes the result slightly: benchmarks/scaling.py
 measures by how much). A budget that the smallest plan still exceeds is an error before any work starts.
 """
@@ -694,8 +695,8 @@ def plan_memory(
 
     last = None
     # the last knob varies fastest: what costs least is given up first
-    for storage, bank, preconditioner, (group, sums_budget), hidden_on, bt in itertools.product(
-        storages, banks, preconditioners, groups, placements, batches
+    for storage, preconditioner, (group, sums_budget), bank, hidden_on, bt in itertools.product(
+        storages, preconditioners, groups, banks, placements, batches
     ):
         host, device, parts = _estimate(
             shape,
