@@ -324,15 +324,18 @@ def report(setup: dict, label: str, result: dict, rates: dict, out: Path, max_le
         f"\npeak RssAnon {result['RssAnon'] / 1e9:.2f} GB, VmRSS {result['VmRSS'] / 1e9:.2f} GB, planned "
         f"{planned / 1e9:.2f} GB (RssAnon / plan {result['RssAnon'] / planned:.2f}); wall {result['seconds']:.0f} s"
     )
-    walk = 0.0
+    memory = summary["memory"]
+    print(
+        f"the run's own summary: planned {memory['planned_peak_host_gb']:.2f} GB, its stages held at most "
+        f"{memory['measured_peak_rss_anon_gb']:.2f} GB RssAnon"
+    )
     for layer in summary["layers"]:
         tokens = sum(v["tokens"] for v in layer["domains"].values())
         flops = layer_flops(setup, layer, max_length)
         stages = layer.get("stages", {})
-        walk += sum(v["seconds"] for v in stages.values())
         print(f"\nlayer {layer['layer']}: {tokens} real tokens, {layer['regmean']['experts']['passes']} RegMean passes")
-        print("| stage | wall s | CPU s | arithmetic | at matmul rate (CPU s) | CPU / arithmetic |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| stage | wall s | CPU s | arithmetic | at matmul rate (CPU s) | CPU / arithmetic | peak RssAnon GB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         layer_cpu = 0.0
         for stage, value in stages.items():
             f = flops.get(stage)
@@ -342,9 +345,10 @@ def report(setup: dict, label: str, result: dict, rates: dict, out: Path, max_le
             arithmetic = "- | - | - |"
             if f:
                 arithmetic = f"{f / 1e12:.2f} Tflop | {ideal:.1f} | {value['cpu_seconds'] / ideal:.1f}x |"
-            print(f"| {stage} | {value['seconds']:.1f} | {value['cpu_seconds']:.1f} | {arithmetic}")
+            peak = value.get("peak_rss_anon_gb", float("nan"))
+            print(f"| {stage} | {value['seconds']:.1f} | {value['cpu_seconds']:.1f} | {arithmetic} {peak:.2f} |")
         total_wall = sum(v["seconds"] for v in stages.values())
-        print(f"| total | {total_wall:.1f} | {layer_cpu:.1f} | | | |")
+        print(f"| total | {total_wall:.1f} | {layer_cpu:.1f} | | | | |")
         print(f"\ntokens per second (all sources' real tokens, wall): {tokens / total_wall:.1f}")
 
 

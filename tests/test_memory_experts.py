@@ -196,6 +196,11 @@ def test_short_budget_lowers_the_sums_budget_and_keeps_the_result(
     report = json.loads((out / "moemerge_calibration.json").read_text())
     assert report["options"]["regmean"]["sums_budget_bytes"] == 2 * unit
     assert all(s["regmean"]["experts"]["passes"] == 4 for s in report["layers"])  # two groups x two projections
+    memory = report["memory"]  # the plan beside what each stage held (the whole test process here: no bound)
+    assert memory["planned_peak_host_gb"] == round(budget.host / 1e9, 3) and memory["planned_peak_device_gb"] is None
+    assert "memory plan per rank" in memory["plan"][0]
+    stage_peaks = [v["peak_rss_anon_gb"] for s in report["layers"] for v in s["stages"].values()]
+    assert len(stage_peaks) >= 8 and memory["measured_peak_rss_anon_gb"] >= max(stage_peaks) > 0
 
 
 def test_budget_below_one_expert_stops_before_any_work(setup: dict, tmp_path: Path) -> None:

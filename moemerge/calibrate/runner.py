@@ -455,6 +455,14 @@ class Calibrator:
                 "data": self.data_report,
                 "options": self.options.model_dump(mode="json"),
                 "layers": self.summaries,
+                "memory": {  # the plan beside what the walk held (this process; stages.py measures it)
+                    "planned_peak_host_gb": round(self.plan.host_bytes / 1e9, 3),
+                    "planned_peak_device_gb": round(self.plan.device_bytes / 1e9, 3) if self.plan.on_gpu else None,
+                    "measured_peak_rss_anon_gb": None
+                    if self.clock.peak() is None
+                    else round(self.clock.peak() / 1e9, 3),
+                    "plan": self.plan.describe().splitlines(),
+                },
             }
             if self.regmean is not None:
                 report["regmean"] = self.regmean.report()
