@@ -109,9 +109,11 @@ def write_run_recipe(setup: dict, folder: Path, method: str = "task_arithmetic")
 
 
 def without_timings(value):
-    """A calibration summary without wall and CPU times (`stages` is the walk's time profile per layer)."""
+    """A calibration summary without what was measured: wall and CPU times, and memory (`stages` is the walk's time
+    and memory profile per layer; `memory` its plan, which starts from the process's own memory, and peak)."""
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in ("seconds", "stages")}
+        measured = ("seconds", "stages", "memory")
+        return {k: without_timings(v) for k, v in value.items() if k not in measured}
     if isinstance(value, list):
         return [without_timings(v) for v in value]
     return value
