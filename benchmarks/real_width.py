@@ -391,8 +391,8 @@ def full_model_plans() -> None:
 
 
 def harc_lazy(root: Path, setup: dict, stage1: Path, args: argparse.Namespace) -> None:
-    """HARC only (no experts) under a budget just below the smallest plan that holds the merged model's experts,
-    so the planner reads them from disk when used (a lazy bank); then the same settings with the experts held.
+    """HARC only (no experts) under a budget just below the smallest at which the planner holds the merged model's
+    experts, so that it reads them from disk when used (a lazy bank); then the same settings with the experts held.
     Prints each run's plan against its peak, its wall time, and whether the two models are bit-identical."""
     import yaml
 
@@ -415,13 +415,13 @@ def harc_lazy(root: Path, setup: dict, stage1: Path, args: argparse.Namespace) -
             return False
         return plan.merged_bank == "resident"
 
-    low, high = 0, 2**40  # bisect for the smallest budget a plan holding the experts meets
+    low, high = 0, 2**40  # bisect for the smallest budget at which the planner holds the experts
     while high - low > 2**20:
         low, high = (low, (low + high) // 2) if holds_experts((low + high) // 2) else ((low + high) // 2, high)
     budget = int(high * 0.97)
     lazy = plan_calibration(str(stage1), domains, options.model_copy(update={"max_memory": budget}))
     print(
-        f"\n### HARC only, {args.samples} samples per domain: the smallest plan holding the experts needs "
+        f"\n### HARC only, {args.samples} samples per domain: the planner holds the experts from "
         f"{high / 1e9:.3f} GB; under {budget / 1e9:.3f} GB the plan is {lazy.merged_bank} (planned here, with this "
         "process's own memory; each run below plans with its own)\n"
     )
