@@ -440,6 +440,7 @@ class Calibrator:
 
     def _write(self, out_dir: Path, overwrite: bool, card: str | None) -> Path:
         reader = self.walker.reader
+        peak = self.clock.peak()
         with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
             for name in reader.names():
                 if name in self.solved:
@@ -458,9 +459,7 @@ class Calibrator:
                 "memory": {  # the plan beside what the walk held (this process; stages.py measures it)
                     "planned_peak_host_gb": round(self.plan.host_bytes / 1e9, 3),
                     "planned_peak_device_gb": round(self.plan.device_bytes / 1e9, 3) if self.plan.on_gpu else None,
-                    "measured_peak_rss_anon_gb": None
-                    if self.clock.peak() is None
-                    else round(self.clock.peak() / 1e9, 3),
+                    "measured_peak_rss_anon_gb": None if peak is None else round(peak / 1e9, 3),
                     "plan": self.plan.describe().splitlines(),
                 },
             }
