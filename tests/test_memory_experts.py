@@ -92,8 +92,11 @@ def test_experts_add_the_regmean_terms_to_the_plan() -> None:
     assert parts["its experts in a bank (storage dtype)"] == 2 * E * (A + C)
     assert parts["one source's decoder layer (read, converted)"] == 3 * rest + 2 * 4 * d * d
     assert parts["RegMean: sums and solutions, groups of 8"] == E * (sums_a + sums_c) + 8 * E * A + E * A * 2
-    # each map's solution goes to a group file as it is solved (within the solve's term): no layer of new experts
+    # each map's solution goes to a group file as it is solved (within the solve's term): no layer of new experts;
+    # on a GPU the group's solution is copied to the host as on-disk tensors and serialised there
     assert not [what for what in parts if "new experts" in what]
+    on_gpu = plan_memory(banked, LENGTHS, options, MemoryBudget(), on_gpu=True)
+    assert ("RegMean: a group's new experts, written", 2 * E * A * 2, "host") in on_gpu.parts
     assert "RegMean: new experts as saved, and converted" in {
         w for w, _, _ in plan_memory(SHAPE, LENGTHS, options, MemoryBudget()).parts
     }
