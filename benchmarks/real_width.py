@@ -29,8 +29,8 @@ loop with float32 weights, against moemerge's banked forward (bfloat16 bank, one
 
     python benchmarks/real_width.py --shape olmoe --layers 1 --samples 32 --scale 1 4 --max-memory 16GB
 
-``--harc-lazy`` adds two HARC-only runs: under a budget just below the smallest plan that holds the merged
-model's experts (the planner then reads them from disk when used), and with the experts held at the same
+``--harc-lazy`` adds two HARC-only runs: under a budget just below the smallest at which the planner holds the
+merged model's experts (it then reads them from disk when used), and with the experts held at the same
 settings: plan against peak, wall time, and whether the two calibrated models are bit-identical.
 
 A table, not a test. Generated checkpoints are removed at the end unless ``--keep``.
