@@ -279,9 +279,9 @@ class RegMeanCalibration:
     def _rewrite(self, bank: ExpertBank | None, file: Path) -> None:
         if bank is None:
             raise ValueError(f"{file}: new experts for a layer whose experts are not in a bank")
-        bank.rewrite(file)
+        names = bank.rewrite(file)
         if self._is_writer:
-            self.expert_files.update(dict.fromkeys(_names_in(file), file))
+            self.expert_files.update(dict.fromkeys(names, file))
 
     def _layer_inputs(self, index: int, batch: Batch) -> dict:
         return self.walker.layer_inputs(batch.input_ids, batch.attention_mask)[index][1]
@@ -670,13 +670,6 @@ class RegMeanCalibration:
             },
             "replaced_tensors": len(self.replaced),
         }
-
-
-def _names_in(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt", device="cpu") as handle:
-        return list(handle.keys())
 
 
 def _token_stats(counts: Tensor) -> dict[str, float]:

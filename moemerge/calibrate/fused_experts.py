@@ -146,13 +146,14 @@ class ExpertBank:
             for piece in self.pieces[name][expert]
         }
 
-    def rewrite(self, file: Path) -> None:
+    def rewrite(self, file: Path) -> list[str]:
         """The on-disk tensors in the safetensors `file` replace the checkpoint's from now on: a resident bank
-        copies them in, a lazy one reads them from `file` when they are used."""
+        copies them in, a lazy one reads them from `file` when they are used. Returns their names."""
         from safetensors import safe_open
 
         handle = safe_open(str(file), framework="pt", device="cpu")
-        names = set(handle.keys())
+        held = list(handle.keys())
+        names = set(held)
         for name, experts in self.pieces.items():
             for e, own in enumerate(experts):
                 for piece in own:
@@ -165,6 +166,7 @@ class ExpertBank:
                     names.discard(piece.name)
         if names:
             raise ValueError(f"{file}: holds {sorted(names)[0]}, which is not one of this bank's experts")
+        return held
 
 
 def bank_of(module: torch.nn.Module) -> ExpertBank | None:
